@@ -1,0 +1,127 @@
+"""The one exception tree of boxdisk.
+
+Every error names the file it is about (``path``) and, where one field or table
+entry is at fault, that field (``field``) and the value found (``value``)::
+
+    BoxdiskError(Exception)
+    ├── ImageError
+    │   ├── NotQcow2Error(ValueError)          wrong magic: not a qcow2 file
+    │   ├── CorruptImageError(ValueError)      a field or table breaks the spec
+    │   ├── UnsupportedFeatureError(NotImplementedError)
+    │   │                                      valid qcow2 that boxdisk refuses
+    │   └── ImageIOError(OSError)             the file could not be read/written
+    ├── BackingChainError                      cycle, missing, too deep, outside roots
+    ├── DiskExistsError(FileExistsError)       a path is taken by something else
+    ├── DiskInUseError                         a running QEMU holds the image
+    └── InvalidArgumentError(ValueError)       a caller passed an impossible value
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+__all__ = [
+    "BackingChainError",
+    "BoxdiskError",
+    "CorruptImageError",
+    "DiskExistsError",
+    "DiskInUseError",
+    "ImageError",
+    "ImageIOError",
+    "InvalidArgumentError",
+    "NotQcow2Error",
+    "UnsupportedFeatureError",
+]
+
+
+class BoxdiskError(Exception):
+    """Base of every error boxdisk raises on purpose.
+
+    ``path`` is the file the error is about, ``field`` the header field or
+    table entry at fault and ``value`` the value that was found there.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | os.PathLike[str] | None = None,
+        field: str | None = None,
+        value: Any = None,
+    ) -> None:
+        self.path = os.fspath(path) if path is not None else None
+        self.field = field
+        self.value = value
+        self.message = message
+        text = f"{self.path}: {message}" if self.path is not None else message
+        super().__init__(text)
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path is not None else self.message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keep errors picklable across processes (the store runs workers).
+        return (
+            _rebuild,
+            (type(self), self.message, self.path, self.field, self.value),
+        )
+
+
+def _rebuild(
+    cls: type[BoxdiskError], message: str, path: str | None, field: str | None, value: Any
+) -> BoxdiskError:
+    return cls(message, path=path, field=field, value=value)
+
+
+class ImageError(BoxdiskError):
+    """Something is wrong with one image file."""
+
+
+class NotQcow2Error(ImageError, ValueError):
+    """The file does not start with the qcow2 magic."""
+
+
+class CorruptImageError(ImageError, ValueError):
+    """A header field, extension or table entry breaks the qcow2 specification."""
+
+
+class UnsupportedFeatureError(ImageError, NotImplementedError):
+    """A valid qcow2 feature that boxdisk does not implement (and so refuses)."""
+
+
+class ImageIOError(ImageError, OSError):
+    """The operating system failed a read, write or sync of an image."""
+
+
+class BackingChainError(BoxdiskError):
+    """A backing chain cannot be followed: a cycle, a missing file, too deep, or outside roots.
+
+    ``chain`` lists the images opened so far, top first.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | os.PathLike[str] | None = None,
+        field: str | None = None,
+        value: Any = None,
+        chain: tuple[str, ...] = (),
+    ) -> None:
+        self.chain = chain
+        if chain:
+            message = f"{message} (chain so far: {' -> '.join(chain)})"
+        super().__init__(message, path=path, field=field, value=value)
+
+
+class DiskExistsError(BoxdiskError, FileExistsError):
+    """The target path holds something that boxdisk will not overwrite."""
+
+
+class DiskInUseError(BoxdiskError):
+    """Another process (a running QEMU) holds a lock on the image."""
+
+
+class InvalidArgumentError(BoxdiskError, ValueError):
+    """A caller passed a value that cannot describe a disk (size, cluster size, name)."""
