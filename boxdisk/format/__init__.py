@@ -5,8 +5,7 @@ this package opens a file, logs, or locks; ``source`` arguments only name the
 file in error messages.
 """
 
-from ._constants import *  # noqa: F403
-from ._constants import __all__ as _constants_all
+from ._constants import *
 from ._header import (
     MIN_HEADER_PROBE,
     FeatureName,
@@ -19,21 +18,73 @@ from ._header import (
     validate_header,
 )
 from ._layout import NewImageLayout, plan_new_image
-from ._tables import *  # noqa: F403
-from ._tables import __all__ as _tables_all
+from ._tables import *
 
 __all__ = [
-    *_constants_all,
-    *_tables_all,
+    "AUTOCLEAR_BITMAPS",
+    "AUTOCLEAR_DATA_FILE_RAW",
+    "COMPAT_LAZY_REFCOUNTS",
+    "COMPRESSION_ZLIB",
+    "COMPRESSION_ZSTD",
+    "DEFAULT_CLUSTER_BITS",
+    "EXT_BACKING_FORMAT",
+    "EXT_BITMAPS",
+    "EXT_CRYPTO_HEADER",
+    "EXT_DATA_FILE",
+    "EXT_END",
+    "EXT_FEATURE_TABLE",
+    "FEATURE_NAMES",
+    "HEADER_V2_LENGTH",
+    "HEADER_V3_LENGTH",
+    "HEADER_V3_LENGTH_WITH_COMPRESSION",
+    "INCOMPAT_COMPRESSION",
+    "INCOMPAT_CORRUPT",
+    "INCOMPAT_DATA_FILE",
+    "INCOMPAT_DIRTY",
+    "INCOMPAT_EXTL2",
+    "KNOWN_AUTOCLEAR",
+    "KNOWN_COMPATIBLE",
+    "KNOWN_INCOMPATIBLE",
+    "L1E_OFFSET_MASK",
+    "L1E_RESERVED_MASK",
+    "L2E_OFFSET_MASK",
+    "L2E_STD_RESERVED_MASK",
+    "MAX_BACKING_FILE_NAME",
+    "MAX_CLUSTER_BITS",
+    "MAX_HOST_OFFSET",
+    "MAX_L1_BYTES",
+    "MAX_REFCOUNT_ORDER",
+    "MAX_REFTABLE_BYTES",
+    "MAX_SNAPSHOTS",
+    "MIN_CLUSTER_BITS",
+    "MIN_EXTL2_CLUSTER_BITS",
     "MIN_HEADER_PROBE",
+    "QCOW2_MAGIC",
+    "QCOW_OFLAG_COMPRESSED",
+    "QCOW_OFLAG_COPIED",
+    "QCOW_OFLAG_ZERO",
+    "REFT_OFFSET_MASK",
+    "REFT_RESERVED_MASK",
+    "SUBCLUSTERS_PER_CLUSTER",
+    "ClusterType",
     "FeatureName",
+    "FeatureType",
     "HeaderExtension",
+    "L1Entry",
+    "L2Entry",
     "NewImageLayout",
     "Qcow2Header",
+    "SubclusterType",
     "cluster_size_of",
+    "compressed_geometry",
+    "decode_refcount_table_entry",
     "l1_entries_for",
+    "pack_refcount_block",
+    "pack_u64_table",
     "parse_header",
     "plan_new_image",
     "unknown_extensions",
+    "unpack_refcount_block",
+    "unpack_u64_table",
     "validate_header",
 ]

@@ -411,7 +411,8 @@ def _parse_extensions(
                 f"header extension 0x{ext_type:08x} at byte {pos} has length {length}, "
                 f"past the end of the first cluster"
             )
-            raise CorruptImageError(msg, path=source, field=f"extension 0x{ext_type:08x}", value=length)
+            raise CorruptImageError(msg, path=source, field=f"extension 0x{ext_type:08x}",
+                                    value=length)
         data = bytes(buf[pos + _EXT.size : data_end])
         if ext_type in (EXT_BACKING_FORMAT, EXT_DATA_FILE, EXT_FEATURE_TABLE, EXT_BITMAPS,
                         EXT_CRYPTO_HEADER):

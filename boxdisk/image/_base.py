@@ -1,0 +1,144 @@
+"""What every image has: one owned file descriptor, a virtual size, runs, and reads."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator
+from types import TracebackType
+from typing import Self
+
+from boxdisk._errors import ImageIOError, InvalidArgumentError
+
+from ._runs import Run, RunKind
+
+__all__ = ["Image"]
+
+
+class Image:
+    """One image file opened read-only; subclasses say where guest bytes live.
+
+    Lifecycle: an image is open from ``open()`` until ``close()`` (idempotent);
+    it owns its file descriptor and nothing else. Use it as a context manager.
+    """
+
+    format: str = ""
+    path: str
+    size: int
+    cluster_size: int
+    backing_file: str | None = None
+    backing_format: str | None = None
+    _fd: int
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self._fd = fd
+
+    # -- lifecycle -------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` has run."""
+        return self._fd < 0
+
+    @property
+    def fd(self) -> int:
+        """The file descriptor (owned by this image; do not close it)."""
+        if self._fd < 0:
+            msg = "image is closed"
+            raise InvalidArgumentError(msg, path=self.path, field="fd")
+        return self._fd
+
+    def close(self) -> None:
+        """Close the file; a second call does nothing."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            warnings.warn(f"unclosed image {self.path!r}", ResourceWarning, stacklevel=2)
+            self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<{type(self).__name__} {self.path!r} size={self.size} {state}>"
+
+    # -- where bytes live ------------------------------------------------------
+
+    def runs(self, offset: int = 0, length: int | None = None, *,
+             precise: bool = True) -> Iterator[Run]:
+        """Runs covering ``[offset, offset + length)`` (default: to the end), in order.
+
+        ``precise=False`` lets a raw image skip hole detection (every byte is
+        then DATA), which is all a reader needs.
+        """
+        raise NotImplementedError
+
+    def _check_range(self, offset: int, length: int | None) -> int:
+        if length is None:
+            length = self.size - offset
+        if offset < 0 or length < 0 or offset + length > self.size:
+            msg = f"range [{offset}, {offset}+{length}) outside the {self.size}-byte disk"
+            raise InvalidArgumentError(msg, path=self.path, field="offset", value=offset)
+        return length
+
+    # -- reading ---------------------------------------------------------------
+
+    def read_compressed(self, run: Run) -> bytes:
+        """The whole guest cluster a COMPRESSED run lies in, decompressed."""
+        raise NotImplementedError
+
+    def read_run_into(self, run: Run, buf: memoryview) -> None:
+        """Fill ``buf`` (``run.length`` bytes, zero-initialised) with the run's guest bytes.
+
+        UNALLOCATED and ZERO runs leave ``buf`` untouched; the caller decides
+        what an unallocated stretch reads as.
+        """
+        if run.kind is RunKind.DATA:
+            assert run.host_offset is not None
+            self.pread_into(buf, run.host_offset)
+        elif run.kind is RunKind.COMPRESSED:
+            cluster = self.read_compressed(run)
+            intra = run.start & (self.cluster_size - 1)
+            buf[:] = cluster[intra : intra + run.length]
+
+    def pread_into(self, buf: memoryview, host_offset: int) -> None:
+        """Read host bytes into ``buf``; bytes past the end of the file stay as they are."""
+        fd = self.fd
+        done, want = 0, len(buf)
+        while done < want:
+            try:
+                n = os.preadv(fd, [buf[done:]], host_offset + done)
+            except OSError as exc:
+                msg = f"read of {want - done} bytes at host offset {host_offset + done} failed"
+                raise ImageIOError(msg, path=self.path, field="host_offset",
+                                   value=host_offset + done) from exc
+            if n == 0:  # past the end of the file: reads as zeros, as in QEMU
+                return
+            done += n
+
+    def read(self, offset: int, length: int) -> bytes:
+        """The guest bytes ``[offset, offset + length)`` of this file alone.
+
+        Stretches this file does not allocate read as zeros; reading through
+        backing files is :class:`boxdisk.chain.BackingChain`'s job.
+        """
+        length = self._check_range(offset, length)
+        buf = bytearray(length)
+        view = memoryview(buf)
+        for run in self.runs(offset, length, precise=False):
+            pos = run.start - offset
+            self.read_run_into(run, view[pos : pos + run.length])
+        return bytes(buf)

@@ -1,0 +1,485 @@
+"""Native qcow2 creation and backing-file tools, with the seed runtime's names.
+
+``create_disk`` and ``create_cow_child_disk`` write a new image's metadata
+directly (no qemu-img): the header cluster, the refcount table and blocks, and
+a sparse, all-zero L1 table. A new image is written to a temporary file in the
+target directory, fsynced, linked into place (never over an existing file) and
+the directory fsynced, so the target path either does not exist or holds a
+complete image, whatever instant a crash hits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+import time
+from pathlib import Path
+
+from ._disk import Disk, DiskFormat
+from ._errors import (
+    BackingChainError,
+    BoxdiskError,
+    CorruptImageError,
+    DiskExistsError,
+    ImageIOError,
+    InvalidArgumentError,
+)
+from ._log import get_logger
+from .format import (
+    MAX_CLUSTER_BITS,
+    MIN_CLUSTER_BITS,
+    MIN_HEADER_PROBE,
+    Qcow2Header,
+    cluster_size_of,
+    parse_header,
+    plan_new_image,
+)
+
+__all__ = [
+    "DEFAULT_CLUSTER_SIZE",
+    "DEFAULT_DISK_SIZE",
+    "GUEST_ROOTFS_DISK",
+    "MAX_BACKING_CHAIN_DEPTH",
+    "BackingFormat",
+    "Disk",
+    "DiskFormat",
+    "clone_disk_pair",
+    "create_cow_child_disk",
+    "create_disk",
+    "is_backing_dependency",
+    "qcow2_virtual_size",
+    "read_backing_chain",
+    "read_backing_file_path",
+    "read_header",
+    "set_backing_file_path",
+]
+
+log = get_logger(__name__)
+
+GiB = 1 << 30
+DEFAULT_DISK_SIZE = 10 * GiB
+DEFAULT_CLUSTER_SIZE = 64 * 1024
+#: File name of a box's optional second disk (the seed runtime's name).
+GUEST_ROOTFS_DISK = "guest-rootfs.qcow2"
+#: How deep ``read_backing_chain`` follows names before it stops with a warning.
+MAX_BACKING_CHAIN_DEPTH = 64
+_SECTOR = 512
+_PROBE = 64 * 1024
+
+
+class BackingFormat(enum.Enum):
+    """Format of a backing file, as written into the backing-format extension."""
+
+    RAW = "raw"
+    QCOW2 = "qcow2"
+
+    def as_str(self) -> str:
+        """The format's name in the header extension (``raw`` or ``qcow2``)."""
+        return self.value
+
+    @classmethod
+    def parse(cls, value: BackingFormat | DiskFormat | str) -> BackingFormat:
+        """Accept an enum member or its name (``"raw"``, ``"qcow2"``, ``"ext4"`` is raw)."""
+        if isinstance(value, BackingFormat):
+            return value
+        name = value.value if isinstance(value, DiskFormat) else str(value).lower()
+        if name == "ext4":
+            return cls.RAW
+        try:
+            return cls(name)
+        except ValueError:
+            msg = f"unknown backing format {value!r} (expected 'raw' or 'qcow2')"
+            raise InvalidArgumentError(msg, field="backing_format", value=value) from None
+
+
+# -- reading headers ----------------------------------------------------------
+
+
+def _io_error(path: str | os.PathLike[str], what: str, exc: OSError) -> ImageIOError:
+    err = ImageIOError(f"{what}: {exc.strerror or exc}", path=path)
+    err.errno = exc.errno
+    return err
+
+
+def read_header(path: str | os.PathLike[str]) -> Qcow2Header:
+    """Parse and validate the header (with extensions and backing name) of a qcow2 file."""
+    source = os.fspath(path)
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _io_error(source, "cannot open image", exc) from None
+    try:
+        buf = os.pread(fd, _PROBE, 0)
+        cluster_size = cluster_size_of(buf[:MIN_HEADER_PROBE], source=source)
+        if cluster_size > len(buf) == _PROBE:
+            buf += os.pread(fd, cluster_size - _PROBE, _PROBE)
+    except OSError as exc:
+        raise _io_error(source, "cannot read header", exc) from None
+    finally:
+        os.close(fd)
+    return parse_header(buf[:cluster_size], source=source)
+
+
+def qcow2_virtual_size(path: str | os.PathLike[str]) -> int:
+    """The virtual size in bytes recorded in a qcow2 header."""
+    return read_header(path).size
+
+
+def read_backing_file_path(path: str | os.PathLike[str]) -> str | None:
+    """The backing name stored in a qcow2 header, verbatim, or None without a backing file."""
+    return read_header(path).backing_file
+
+
+# -- creating images ----------------------------------------------------------
+
+
+def _cluster_bits(cluster_size: int) -> int:
+    bits = cluster_size.bit_length() - 1
+    if cluster_size <= 0 or 1 << bits != cluster_size or not (
+        MIN_CLUSTER_BITS <= bits <= MAX_CLUSTER_BITS
+    ):
+        msg = f"cluster size {cluster_size} is not a power of two between 512 B and 2 MiB"
+        raise InvalidArgumentError(msg, field="cluster_size", value=cluster_size)
+    return bits
+
+
+def _round_size(size: int) -> int:
+    if not isinstance(size, int) or size < 0:
+        msg = f"virtual size {size!r} is not a non-negative number of bytes"
+        raise InvalidArgumentError(msg, field="size", value=size)
+    # QEMU rounds a qcow2's virtual size up to whole 512-byte sectors.
+    return -(-size // _SECTOR) * _SECTOR
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_new_image(path: Path, writes: tuple[tuple[int, bytes], ...], file_size: int) -> bool:
+    """Write a complete image at ``path`` atomically; False if the path was taken meanwhile."""
+    directory = os.path.dirname(path) or "."
+    tmp = os.path.join(directory, f".{path.name}.{os.urandom(6).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            for offset, data in writes:
+                os.pwrite(fd, data, offset)
+            os.ftruncate(fd, file_size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)  # unlike rename, never replaces an existing file
+        except FileExistsError:
+            return False
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    _fsync_dir(directory)
+    return True
+
+
+def _make_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _io_error(path.parent, "cannot create parent directory", exc) from None
+
+
+def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _existing(path: Path, *, size: int, backing: Path | None, backing_format: str | None) -> Disk:
+    """Return an existing image at ``path`` if it is the image asked for, else raise."""
+    try:
+        header = read_header(path)
+    except BoxdiskError as exc:
+        msg = f"path exists and is not a usable qcow2 image ({exc.message}); not overwriting"
+        raise DiskExistsError(msg, path=path) from exc
+    problems = []
+    if header.size != size:
+        problems.append(f"virtual size {header.size}, wanted {size}")
+    if backing is None and header.backing_file is not None:
+        problems.append(f"backing file {header.backing_file!r}, wanted none")
+    if backing is not None:
+        found = header.backing_file
+        resolved = None if found is None else os.path.join(os.path.dirname(path), found)
+        if resolved is None or not _same_file(resolved, backing):
+            problems.append(f"backing file {found!r}, wanted {os.fspath(backing)!r}")
+        elif header.backing_format != backing_format:
+            problems.append(f"backing format {header.backing_format!r}, wanted {backing_format!r}")
+    if problems:
+        msg = "path exists with a different image (" + "; ".join(problems) + "); not overwriting"
+        raise DiskExistsError(msg, path=path)
+    log.debug("disk_exists_reused", path=str(path))
+    # The caller did not create this file, so its handle must never delete it.
+    return Disk(path, DiskFormat.QCOW2, persistent=True)
+
+
+def create_disk(
+    path: str | os.PathLike[str],
+    persistent: bool = False,
+    *,
+    size: int = DEFAULT_DISK_SIZE,
+    cluster_size: int = DEFAULT_CLUSTER_SIZE,
+) -> Disk:
+    """Create a standalone, sparse qcow2 v3 image of ``size`` virtual bytes.
+
+    Parent directories are created. An existing valid qcow2 of the same size
+    and no backing file is returned as a persistent handle (never deleted by
+    it); anything else at ``path`` raises :class:`DiskExistsError`.
+    """
+    start = time.perf_counter()
+    target = Path(path)
+    size = _round_size(size)
+    layout = plan_new_image(size, cluster_bits=_cluster_bits(cluster_size))
+    _make_parent(target)
+    if os.path.lexists(target):
+        return _existing(target, size=size, backing=None, backing_format=None)
+    try:
+        created = _write_new_image(target, layout.writes, layout.file_size)
+    except OSError as exc:
+        raise _io_error(target, "cannot create disk", exc) from None
+    if not created:
+        return _existing(target, size=size, backing=None, backing_format=None)
+    log.info("disk_created", path=str(target), size=size, cluster_size=cluster_size,
+             persistent=persistent, ms=round((time.perf_counter() - start) * 1000, 3))
+    return Disk(target, DiskFormat.QCOW2, persistent)
+
+
+def _base_size(base: Path, fmt: BackingFormat) -> int:
+    if fmt is BackingFormat.QCOW2:
+        return read_header(base).size
+    try:
+        return os.stat(base).st_size
+    except OSError as exc:
+        raise _io_error(base, "cannot stat base disk", exc) from None
+
+
+def _backing_name(base_real: str, child: Path, relative: bool) -> str:
+    if not relative:
+        return base_real
+    child_dir = os.path.realpath(child.parent)
+    return os.path.relpath(base_real, child_dir)
+
+
+def create_cow_child_disk(
+    base_disk: str | os.PathLike[str],
+    backing_format: BackingFormat | str,
+    child_path: str | os.PathLike[str],
+    virtual_size: int | None = None,
+    *,
+    relative: bool = False,
+    persistent: bool = False,
+    cluster_size: int = DEFAULT_CLUSTER_SIZE,
+) -> Disk:
+    """Create a qcow2 v3 child whose unwritten clusters read from ``base_disk``.
+
+    The header names the base (its real path, or a path relative to the
+    child's directory with ``relative=True``) and its format in the
+    backing-format extension; nothing is probed. ``virtual_size=None`` takes
+    the base's size. The file and its directory are fsynced before return.
+
+    The handle is ephemeral unless ``persistent=True``: call ``leak()`` to
+    keep a child made with the default. An existing child with the same
+    backing and size is returned as a persistent handle; anything else at
+    ``child_path`` raises :class:`DiskExistsError`.
+    """
+    start = time.perf_counter()
+    fmt = BackingFormat.parse(backing_format)
+    base = Path(base_disk)
+    child = Path(child_path)
+    base_real = os.path.realpath(base)
+    if not os.path.isfile(base_real):
+        msg = "base disk does not exist or is not a regular file"
+        raise BackingChainError(msg, path=base, field="backing_file", value=os.fspath(base))
+    base_size = _base_size(base, fmt)  # for qcow2 this also checks the base is one
+    size = _round_size(base_size if virtual_size is None else virtual_size)
+    _make_parent(child)
+    name = _backing_name(base_real, child, relative)
+    layout = plan_new_image(
+        size,
+        cluster_bits=_cluster_bits(cluster_size),
+        backing_file=name,
+        backing_format=fmt.as_str(),
+    )
+    if os.path.lexists(child):
+        return _existing(child, size=size, backing=base, backing_format=fmt.as_str())
+    try:
+        created = _write_new_image(child, layout.writes, layout.file_size)
+    except OSError as exc:
+        raise _io_error(child, "cannot create child disk", exc) from None
+    if not created:
+        return _existing(child, size=size, backing=base, backing_format=fmt.as_str())
+    log.info("child_created", path=str(child), backing=name, backing_format=fmt.as_str(),
+             size=size, persistent=persistent,
+             ms=round((time.perf_counter() - start) * 1000, 3))
+    return Disk(child, DiskFormat.QCOW2, persistent)
+
+
+# -- backing-file tools -------------------------------------------------------
+
+
+def set_backing_file_path(
+    qcow2_path: str | os.PathLike[str],
+    new_backing: str | os.PathLike[str],
+    *,
+    backing_format: BackingFormat | str | None = None,
+    relative: bool = False,
+) -> None:
+    """Point an image's header at another backing file (a header-only, unsafe rebase).
+
+    No data is copied: use it when the new backing file holds the same bytes
+    as the old one (a moved base). ``backing_format`` rewrites the
+    backing-format extension; without it the old one is kept. Bytes of a
+    longer old name are zeroed. The header is rewritten in place and fsynced.
+    """
+    path = Path(qcow2_path)
+    header = read_header(path)
+    if header.backing_file is None:
+        msg = "cannot rebase: no existing backing file reference"
+        raise InvalidArgumentError(msg, path=path, field="backing_file", value=None)
+    new_real = os.path.realpath(new_backing)
+    if not os.path.isfile(new_real):
+        msg = f"cannot resolve new backing {os.fspath(new_backing)!r}: no such file"
+        raise BackingChainError(msg, path=path, field="backing_file",
+                                value=os.fspath(new_backing))
+    fmt = header.backing_format if backing_format is None else BackingFormat.parse(
+        backing_format
+    ).as_str()
+    name = _backing_name(new_real, path, relative)
+    new_header = header.with_backing(name, fmt)
+    try:
+        data = new_header.pack()
+    except CorruptImageError as exc:
+        raise InvalidArgumentError(exc.message, path=path, field=exc.field,
+                                   value=exc.value) from None
+    old_end = header.backing_file_offset + header.backing_file_size
+    data += bytes(max(0, old_end - len(data)))
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.pwrite(fd, data, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise _io_error(path, "cannot rewrite header", exc) from None
+    log.info("backing_file_set", path=str(path), old=header.backing_file, backing=name,
+             backing_format=fmt)
+
+
+def _resolve_backing(image: str, name: str) -> str:
+    """Resolve a backing name as QEMU does: relative to the naming image's directory."""
+    if os.path.isabs(name):
+        return name
+    return os.path.join(os.path.dirname(image), name)
+
+
+def read_backing_chain(
+    path: str | os.PathLike[str], *, max_depth: int = MAX_BACKING_CHAIN_DEPTH
+) -> list[Path]:
+    """Paths of every image under ``path`` in its backing chain, nearest first.
+
+    Relative names resolve against the directory of the image naming them.
+    The walk stops, with a logged warning, at an unreadable header, a missing
+    file, a backing file of unknown format (never probed), a cycle, or after
+    ``max_depth`` files; what was found so far is returned.
+    """
+    chain: list[Path] = []
+    current = os.fspath(path)
+    try:
+        st = os.stat(current)
+    except OSError as exc:
+        log.warning("backing_chain_unreadable", path=current, error=str(exc))
+        return chain
+    seen = {(st.st_dev, st.st_ino)}
+    fmt: str | None = "qcow2"
+    for _ in range(max_depth):
+        if fmt != "qcow2":
+            if fmt is None:
+                log.warning("backing_chain_format_unknown", path=current,
+                            reason="no backing-format extension; not probing")
+            return chain
+        try:
+            header = read_header(current)
+        except BoxdiskError as exc:
+            log.warning("backing_chain_unreadable", path=current, error=str(exc))
+            return chain
+        if header.backing_file is None:
+            return chain
+        nxt = _resolve_backing(current, header.backing_file)
+        try:
+            st = os.stat(nxt)
+        except OSError:
+            log.warning("backing_chain_missing", path=current, backing=nxt)
+            return chain
+        if (st.st_dev, st.st_ino) in seen:
+            log.warning("backing_chain_cycle", path=current, backing=nxt)
+            return chain
+        seen.add((st.st_dev, st.st_ino))
+        chain.append(Path(nxt))
+        current, fmt = nxt, header.backing_format
+    log.warning("backing_chain_too_deep", path=os.fspath(path), max_depth=max_depth)
+    return chain
+
+
+def is_backing_dependency(
+    target: str | os.PathLike[str], chain_root: str | os.PathLike[str]
+) -> bool:
+    """Whether ``target`` is a file in the backing chain under ``chain_root``."""
+    try:
+        st = os.stat(target)
+    except OSError:
+        return False
+    key = (st.st_dev, st.st_ino)
+    for backing in read_backing_chain(chain_root):
+        try:
+            b = os.stat(backing)
+        except OSError:
+            continue
+        if (b.st_dev, b.st_ino) == key:
+            return True
+    return False
+
+
+def clone_disk_pair(
+    src_container: str | os.PathLike[str],
+    dst_container: str | os.PathLike[str],
+    src_guest: str | os.PathLike[str],
+    dst_dir: str | os.PathLike[str],
+) -> tuple[Path, Path | None]:
+    """COW children of a box's container disk and, when it exists, its guest disk.
+
+    The container child goes to ``dst_container``, the guest child to
+    ``dst_dir/guest-rootfs.qcow2``; both back onto their sources as qcow2.
+    All or nothing: if the second child fails, the first is removed. Returns
+    the two paths (the second None without a guest disk); both are kept.
+    """
+    container = create_cow_child_disk(
+        src_container, BackingFormat.QCOW2, dst_container, qcow2_virtual_size(src_container)
+    )
+    guest: Disk | None = None
+    try:
+        if os.path.exists(src_guest):
+            guest = create_cow_child_disk(
+                src_guest,
+                BackingFormat.QCOW2,
+                Path(dst_dir) / GUEST_ROOTFS_DISK,
+                qcow2_virtual_size(src_guest),
+            )
+    except BaseException:
+        container.close()  # deletes it only if this call created it
+        raise
+    log.info("disk_pair_cloned", container=str(container.path),
+             guest=None if guest is None else str(guest.path))
+    return container.leak(), None if guest is None else guest.leak()
