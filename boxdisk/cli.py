@@ -1,0 +1,72 @@
+"""The ``boxdisk`` command line.
+
+Each subcommand imports only what it needs, so ``boxdisk --version`` starts fast.
+Errors print one line (``boxdisk: error: …``) and exit non-zero; ``--debug``
+shows the traceback; ``-v`` turns on structlog's console output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+
+def _configure_logging(verbose: bool) -> None:
+    import structlog  # noqa: PLC0415 - only the CLI configures logging
+
+    level = logging.DEBUG if verbose else logging.WARNING
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+    )
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ._demo import run_demo  # noqa: PLC0415
+
+    return run_demo(keep=args.keep)
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(
+        prog="boxdisk", description="QEMU-exact qcow2 disks and backing chains for sandbox boxes."
+    )
+    parser.add_argument("--version", action="version", version=f"boxdisk {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log events to stderr")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    demo = sub.add_parser("demo", help="run the whole workflow in a temporary directory")
+    demo.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from ._errors import BoxdiskError  # noqa: PLC0415
+
+    try:
+        return int(args.func(args))
+    except BoxdiskError as exc:
+        if args.debug:
+            raise
+        print(f"boxdisk: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
