@@ -24,6 +24,7 @@ unwritten or uncounted cluster. Steps 1-5 run in :meth:`Qcow2Writer.flush`
 from __future__ import annotations
 
 import os
+import struct
 from array import array
 from collections.abc import Callable
 from types import TracebackType
@@ -46,6 +47,7 @@ from boxdisk.format import (
     INCOMPAT_DIRTY,
     INCOMPAT_EXTL2,
     L2E_OFFSET_MASK,
+    MAX_L1_BYTES,
     MAX_REFTABLE_BYTES,
     MIN_HEADER_PROBE,
     QCOW_OFLAG_COPIED,
@@ -56,6 +58,7 @@ from boxdisk.format import (
     Qcow2Header,
     cluster_size_of,
     decode_refcount_table_entry,
+    l1_entries_for,
     pack_refcount_block,
     pack_u64_table,
     parse_header,
@@ -517,6 +520,83 @@ class Qcow2Writer:
                     self._set_entry(gc, 0)
                     self._free_later(entry)
         self._maybe_commit()
+
+    # -- resizing ---------------------------------------------------------------------
+
+    def resize(self, new_size: int, *, backing_size: int = 0) -> None:
+        """Change the virtual size: grow (the L1 table too), or shrink an unused tail.
+
+        Growing past the old size where the backing file (``backing_size``
+        bytes) is larger makes the new range read as zeros, as QEMU's truncate
+        does, so old backing data never reappears. Shrinking is refused when a
+        cluster past the new end holds data. Durable on return.
+        """
+        if new_size < 0 or new_size % 512:
+            msg = f"new size {new_size} is not a non-negative multiple of 512"
+            raise InvalidArgumentError(msg, path=self.path, field="size", value=new_size)
+        old = self.size
+        if new_size < old:
+            self._check_tail_unused(new_size)
+        self._commit()
+        needed = l1_entries_for(new_size, self.cluster_bits)
+        if needed * 8 > MAX_L1_BYTES:
+            msg = f"new size {new_size} needs an L1 table over QEMU's 32 MiB limit"
+            raise InvalidArgumentError(msg, path=self.path, field="size", value=new_size)
+        cs = self.cluster_size
+        header = self.header
+        if needed > len(self._l1):
+            # A new, larger L1 table in fresh clusters; the header switches to it only
+            # once it and its refcounts are durable (QEMU's qcow2_grow_l1_table order).
+            clusters = -(-needed * 8 // cs)
+            start = self._end_cluster
+            self._end_cluster += clusters
+            for i in range(clusters):
+                self._change_refcount(start + i, 1)
+            self._l1.extend([0] * (needed - len(self._l1)))
+            self._commit()
+            self._pwrite(pack_u64_table(self._l1), start * cs)
+            self._fsync()
+            old_l1 = (header.l1_table_offset, -(-header.l1_size * 8 // cs))
+            header = attrs.evolve(header, size=new_size, l1_size=needed,
+                                  l1_table_offset=start * cs)
+            self._pwrite(struct.pack(">QIIQ", new_size, header.crypt_method, needed,
+                                     start * cs), 24)
+            self._fsync()
+            self._frees.extend(old_l1[0] + i * cs for i in range(old_l1[1]))
+        else:
+            header = attrs.evolve(header, size=new_size)
+            self._pwrite(new_size.to_bytes(8, "big"), 24)
+            self._fsync()
+        self.header = header
+        self.size = new_size
+        if new_size > old and backing_size > old:
+            self.write_zeroes(old, min(new_size, backing_size) - old)
+        self.flush()
+        log.info("image_resized", path=self.path, old_size=old, new_size=new_size)
+
+    def _check_tail_unused(self, new_size: int) -> None:
+        cs = self.cluster_size
+        first = new_size // cs
+        last = -(-self.size // cs)
+        for l1_index in range(first // self._l2_entries, -(-last // self._l2_entries)):
+            if l1_index >= len(self._l1) or not self._l1[l1_index]:
+                continue
+            lo = max(first, l1_index * self._l2_entries)
+            hi = min(last, (l1_index + 1) * self._l2_entries)
+            for gc in range(lo, hi):
+                entry, _ = self._entry(gc)
+                if entry.type in (ClusterType.UNALLOCATED, ClusterType.ZERO_PLAIN):
+                    continue
+                if gc * cs < new_size:
+                    # The cluster straddles the new end: only its cut-off tail matters.
+                    tail = self._cluster_content(gc, entry)[new_size - gc * cs:]
+                    if tail.count(0) == len(tail):
+                        continue
+                msg = (
+                    f"cannot shrink to {new_size}: guest cluster {gc} "
+                    f"(offset {gc * cs}) holds data past the new end"
+                )
+                raise InvalidArgumentError(msg, path=self.path, field="size", value=new_size)
 
     # -- committing metadata ----------------------------------------------------------
 
