@@ -65,7 +65,7 @@ GUEST_ROOTFS_DISK = "guest-rootfs.qcow2"
 #: How deep ``read_backing_chain`` follows names before it stops with a warning.
 MAX_BACKING_CHAIN_DEPTH = 64
 _SECTOR = 512
-_PROBE = 64 * 1024
+_PROBE = 4096
 
 
 class BackingFormat(enum.Enum):
@@ -112,13 +112,18 @@ def read_header(path: str | os.PathLike[str]) -> Qcow2Header:
     try:
         buf = os.pread(fd, _PROBE, 0)
         cluster_size = cluster_size_of(buf[:MIN_HEADER_PROBE], source=source)
-        if cluster_size > len(buf) == _PROBE:
+        if cluster_size <= len(buf) or len(buf) < _PROBE:
+            return parse_header(buf[:cluster_size], source=source)
+        try:
+            # Nearly every header, its extensions and backing name fit in the probe.
+            return parse_header(buf, source=source)
+        except CorruptImageError:
             buf += os.pread(fd, cluster_size - _PROBE, _PROBE)
+        return parse_header(buf, source=source)
     except OSError as exc:
         raise _io_error(source, "cannot read header", exc) from None
     finally:
         os.close(fd)
-    return parse_header(buf[:cluster_size], source=source)
 
 
 def qcow2_virtual_size(path: str | os.PathLike[str]) -> int:
