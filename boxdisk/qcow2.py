@@ -52,6 +52,7 @@ __all__ = [
     "read_backing_chain",
     "read_backing_file_path",
     "read_header",
+    "rewrite_backing_reference",
     "set_backing_file_path",
 ]
 
@@ -165,8 +166,12 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def _write_new_image(path: Path, writes: tuple[tuple[int, bytes], ...], file_size: int) -> bool:
-    """Write a complete image at ``path`` atomically; False if the path was taken meanwhile."""
+def _write_new_image(path: Path, writes: tuple[tuple[int, bytes], ...], file_size: int, *,
+                     replace: bool = False) -> bool:
+    """Write a complete image at ``path`` atomically; False if the path was taken meanwhile.
+
+    With ``replace=True`` an existing file is replaced (rename over it).
+    """
     directory = os.path.dirname(path) or "."
     tmp = os.path.join(directory, f".{path.name}.{os.urandom(6).hex()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -178,10 +183,13 @@ def _write_new_image(path: Path, writes: tuple[tuple[int, bytes], ...], file_siz
             os.fsync(fd)
         finally:
             os.close(fd)
-        try:
-            os.link(tmp, path)  # unlike rename, never replaces an existing file
-        except FileExistsError:
-            return False
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # unlike rename, never replaces an existing file
+            except FileExistsError:
+                return False
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -362,7 +370,25 @@ def set_backing_file_path(
         backing_format
     ).as_str()
     name = _backing_name(new_real, path, relative)
-    new_header = header.with_backing(name, fmt)
+    rewrite_backing_reference(path, name, fmt, header=header)
+
+
+def rewrite_backing_reference(
+    path: str | os.PathLike[str],
+    name: str | None,
+    backing_format: str | None,
+    *,
+    header: Qcow2Header | None = None,
+) -> None:
+    """Rewrite the header's backing name and backing-format extension in place, then fsync.
+
+    ``name=None`` makes the image standalone (the extension goes too). Other
+    extensions are kept verbatim; bytes of a longer old name are zeroed. The
+    header stays inside the first cluster, written with one ``pwrite``.
+    """
+    if header is None:
+        header = read_header(path)
+    new_header = header.with_backing(name, backing_format if name is not None else None)
     try:
         data = new_header.pack()
     except CorruptImageError as exc:
@@ -379,8 +405,8 @@ def set_backing_file_path(
             os.close(fd)
     except OSError as exc:
         raise _io_error(path, "cannot rewrite header", exc) from None
-    log.info("backing_file_set", path=str(path), old=header.backing_file, backing=name,
-             backing_format=fmt)
+    log.info("backing_file_set", path=os.fspath(path), old=header.backing_file, backing=name,
+             backing_format=backing_format)
 
 
 def _resolve_backing(image: str, name: str) -> str:
