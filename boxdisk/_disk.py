@@ -4,8 +4,10 @@ Ownership rules, in the order they are checked before a file is deleted:
 
 1. A persistent disk is never deleted by its handle.
 2. ``leak()`` turns an ephemeral handle persistent and returns the path.
-3. The handle deletes only the file it was created for: if the path now holds
-   another file (another inode), it is left alone.
+3. The handle deletes only the file that was at its path when it was made: it
+   holds an fd on that file while armed (so the inode number cannot be reused)
+   and leaves the path alone if it now holds another file, or if nothing was
+   there when the handle was made.
 4. A file inside a boxdisk store (an ancestor directory holds ``.boxdisk/``)
    is never deleted by a handle: the store owns it and removes it itself.
 
@@ -46,12 +48,31 @@ class DiskFormat(enum.Enum):
         return self.value
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
+_O_PATH = getattr(os, "O_PATH", os.O_RDONLY)
+
+
+def _pin(path: Path) -> int | None:
+    """An fd on the file at ``path``, held while the handle is armed, or None if none is there.
+
+    Holding the fd keeps the inode alive, so its number cannot be handed to a
+    file created later at the same path (ext4 and tmpfs recycle freed inode
+    numbers); comparing ``fstat`` of the pin with ``stat`` of the path then
+    proves the path still holds the file the handle was made for.
+    """
     try:
-        st = os.stat(path)
+        return os.open(path, _O_PATH | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:
         return None
-    return (st.st_dev, st.st_ino)
+
+
+def _same_inode(fd: int, path: Path) -> bool | None:
+    """Whether ``path`` is the pinned file; None when the path holds nothing."""
+    try:
+        now = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return None
+    pinned = os.fstat(fd)
+    return (now.st_dev, now.st_ino) == (pinned.st_dev, pinned.st_ino)
 
 
 def _inside_store(path: Path) -> Path | None:
@@ -61,32 +82,43 @@ def _inside_store(path: Path) -> Path | None:
     return None
 
 
-def _remove(path: str, identity: tuple[int, int] | None, *, collected: bool) -> None:
-    """Delete an ephemeral disk's file if it is still the one the handle made."""
+def _remove(path: str, pin: int | None, *, collected: bool, in_store_ok: bool = False) -> None:
+    """Delete an ephemeral disk's file if it is still the one the handle was made for.
+
+    Always closes ``pin``.
+    """
     p = Path(path)
-    now = _identity(p)
-    if now is None:
-        log.debug("ephemeral_disk_already_gone", path=path)
-        return
-    if identity is not None and now != identity:
-        log.warning("ephemeral_disk_replaced_kept", path=path,
-                    reason="the path holds a different file than the one created")
-        return
-    store = _inside_store(p)
-    if store is not None:
-        log.warning("ephemeral_disk_in_store_kept", path=path, store=str(store),
-                    reason="files inside a store are removed only by the store")
-        return
-    if collected:
-        log.warning("ephemeral_disk_collected", path=path,
-                    hint="call leak() to keep a disk, or close() to drop it explicitly")
-    os.unlink(p)
-    log.info("ephemeral_disk_removed", path=path)
-
-
-def _remove_from_finalizer(path: str, identity: tuple[int, int] | None) -> None:
     try:
-        _remove(path, identity, collected=True)
+        if pin is None:
+            log.debug("ephemeral_disk_never_seen", path=path,
+                      reason="no file was at the path when the handle was made")
+            return
+        same = _same_inode(pin, p)
+        if same is None:
+            log.debug("ephemeral_disk_already_gone", path=path)
+            return
+        if not same:
+            log.warning("ephemeral_disk_replaced_kept", path=path,
+                        reason="the path holds a different file than the one created")
+            return
+        store = None if in_store_ok else _inside_store(p)
+        if store is not None:
+            log.warning("ephemeral_disk_in_store_kept", path=path, store=str(store),
+                        reason="files inside a store are removed only by the store")
+            return
+        if collected:
+            log.warning("ephemeral_disk_collected", path=path,
+                        hint="call leak() to keep a disk, or close() to drop it explicitly")
+        os.unlink(p)
+        log.info("ephemeral_disk_removed", path=path)
+    finally:
+        if pin is not None:
+            os.close(pin)
+
+
+def _remove_from_finalizer(path: str, pin: int | None) -> None:
+    try:
+        _remove(path, pin, collected=True)
     except OSError as exc:
         log.warning("ephemeral_disk_remove_failed", path=path, error=str(exc))
 
@@ -104,13 +136,11 @@ class Disk:
     persistent: bool = False
     _finalizer: weakref.finalize[Any, Any] | None = attrs.field(init=False, default=None,
                                                                 repr=False)
-    _identity: tuple[int, int] | None = attrs.field(init=False, default=None, repr=False)
 
     def __attrs_post_init__(self) -> None:
         if not self.persistent:
-            self._identity = _identity(self.path)
             self._finalizer = weakref.finalize(
-                self, _remove_from_finalizer, str(self.path), self._identity
+                self, _remove_from_finalizer, str(self.path), _pin(self.path)
             )
 
     @property
@@ -120,9 +150,10 @@ class Disk:
 
     def leak(self) -> Path:
         """Disarm the clean-up: the file outlives this handle. Returns the path."""
-        if self._finalizer is not None:
-            self._finalizer.detach()
-        self._finalizer = None
+        fin, self._finalizer = self._finalizer, None
+        args = fin.detach() if fin is not None else None
+        if args is not None and args[2][1] is not None:
+            os.close(args[2][1])
         self.persistent = True
         return self.path
 
@@ -132,11 +163,23 @@ class Disk:
         A file already gone is fine; a delete the OS refuses raises
         :class:`ImageIOError`.
         """
+        self._release(in_store_ok=False)
+
+    def _discard(self) -> None:
+        """Undo a creation: like :meth:`close`, but also inside a store.
+
+        For the code that just created the file (and so owns it) to roll back
+        a half-done multi-file operation; callers outside boxdisk use close().
+        """
+        self._release(in_store_ok=True)
+
+    def _release(self, *, in_store_ok: bool) -> None:
         fin, self._finalizer = self._finalizer, None
-        if fin is None or fin.detach() is None:
+        args = fin.detach() if fin is not None else None
+        if args is None:
             return
         try:
-            _remove(str(self.path), self._identity, collected=False)
+            _remove(str(self.path), args[2][1], collected=False, in_store_ok=in_store_ok)
         except OSError as exc:
             msg = f"could not delete ephemeral disk: {exc.strerror or exc}"
             raise ImageIOError(msg, path=self.path) from exc

@@ -13,7 +13,15 @@ entry is at fault, that field (``field``) and the value found (``value``)::
     ├── BackingChainError                      cycle, missing, too deep, outside roots
     ├── DiskExistsError(FileExistsError)       a path is taken by something else
     ├── DiskInUseError                         a running QEMU holds the image
-    └── InvalidArgumentError(ValueError)       a caller passed an impossible value
+    ├── InvalidArgumentError(ValueError)       a caller passed an impossible value
+    └── StoreError                             about a box store (``path`` is the store root)
+        ├── InvalidNameError(ValueError)       a box id or snapshot name that is not allowed
+        ├── NotFoundError(LookupError)         no such box, snapshot or base
+        ├── AlreadyExistsError(FileExistsError)  the id or name is taken
+        ├── DependentsExistError               images back onto what would be removed
+        │   └── SnapshotInUseError             ... onto a snapshot
+        ├── LockTimeoutError(TimeoutError)     another process holds the store or a box
+        └── StoreFormatError                   not a store, or written by a newer boxdisk
 """
 
 from __future__ import annotations
@@ -22,15 +30,23 @@ import os
 from typing import Any
 
 __all__ = [
+    "AlreadyExistsError",
     "BackingChainError",
     "BoxdiskError",
     "CorruptImageError",
+    "DependentsExistError",
     "DiskExistsError",
     "DiskInUseError",
     "ImageError",
     "ImageIOError",
     "InvalidArgumentError",
+    "InvalidNameError",
+    "LockTimeoutError",
+    "NotFoundError",
     "NotQcow2Error",
+    "SnapshotInUseError",
+    "StoreError",
+    "StoreFormatError",
     "UnsupportedFeatureError",
 ]
 
@@ -125,3 +141,43 @@ class DiskInUseError(BoxdiskError):
 
 class InvalidArgumentError(BoxdiskError, ValueError):
     """A caller passed a value that cannot describe a disk (size, cluster size, name)."""
+
+
+class StoreError(BoxdiskError):
+    """Something about a box store; ``path`` names the store root or the file at fault."""
+
+
+class InvalidNameError(StoreError, ValueError):
+    """A box id or snapshot name that could escape its directory or is not allowed."""
+
+
+class NotFoundError(StoreError, LookupError):
+    """No box, snapshot or base of that name."""
+
+
+class AlreadyExistsError(StoreError, FileExistsError):
+    """A box id, snapshot or base name that is already taken."""
+
+
+class DependentsExistError(StoreError):
+    """Images back onto what would be removed; ``dependents`` lists them (real paths)."""
+
+    def __init__(self, message: str, *, dependents: tuple[str, ...] = (),
+                 path: str | os.PathLike[str] | None = None, field: str | None = None,
+                 value: Any = None) -> None:
+        self.dependents = dependents
+        if dependents:
+            message = f"{message}: depended on by {', '.join(dependents)}"
+        super().__init__(message, path=path, field=field, value=value)
+
+
+class SnapshotInUseError(DependentsExistError):
+    """A snapshot cannot be removed: other images back onto it."""
+
+
+class LockTimeoutError(StoreError, TimeoutError):
+    """A store or box lock was not acquired in time; the message names the holder."""
+
+
+class StoreFormatError(StoreError):
+    """The directory is not a boxdisk store, or a newer boxdisk wrote it."""

@@ -488,16 +488,20 @@ def clone_disk_pair(
     dst_container: str | os.PathLike[str],
     src_guest: str | os.PathLike[str],
     dst_dir: str | os.PathLike[str],
+    *,
+    relative: bool = False,
 ) -> tuple[Path, Path | None]:
     """COW children of a box's container disk and, when it exists, its guest disk.
 
     The container child goes to ``dst_container``, the guest child to
-    ``dst_dir/guest-rootfs.qcow2``; both back onto their sources as qcow2.
+    ``dst_dir/guest-rootfs.qcow2``; both back onto their sources as qcow2
+    (by real path, or relative to the child's directory with ``relative=True``).
     All or nothing: if the second child fails, the first is removed. Returns
     the two paths (the second None without a guest disk); both are kept.
     """
     container = create_cow_child_disk(
-        src_container, BackingFormat.QCOW2, dst_container, qcow2_virtual_size(src_container)
+        src_container, BackingFormat.QCOW2, dst_container, qcow2_virtual_size(src_container),
+        relative=relative,
     )
     guest: Disk | None = None
     try:
@@ -507,9 +511,12 @@ def clone_disk_pair(
                 BackingFormat.QCOW2,
                 Path(dst_dir) / GUEST_ROOTFS_DISK,
                 qcow2_virtual_size(src_guest),
+                relative=relative,
             )
     except BaseException:
-        container.close()  # deletes it only if this call created it
+        # Deletes it only if this call created it (an existing child comes back
+        # persistent), and also inside a store, where close() never deletes.
+        container._discard()
         raise
     log.info("disk_pair_cloned", container=str(container.path),
              guest=None if guest is None else str(guest.path))

@@ -24,11 +24,15 @@ QEMU_IO = shutil.which("qemu-io")
 class Qemu:
     """Thin wrappers over qemu-img and qemu-io that raise with QEMU's stderr on failure."""
 
-    def img(self, *args: str | os.PathLike[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    def img(
+        self, *args: str | os.PathLike[str], check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         """Run qemu-img; fail the test with its stderr when ``check`` and it fails."""
         return _run([QEMU_IMG or "qemu-img", *map(os.fspath, args)], check=check)
 
-    def io(self, *args: str | os.PathLike[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    def io(
+        self, *args: str | os.PathLike[str], check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         """Run qemu-io."""
         return _run([QEMU_IO or "qemu-io", *map(os.fspath, args)], check=check)
 
@@ -49,7 +53,9 @@ class Qemu:
         bad = {k: report.get(k, 0) for k in ("corruptions", "leaks", "check-errors")}
         assert not any(bad.values()), f"qemu-img check {path}: {report}"
 
-    def write(self, path: str | os.PathLike[str], cmds: Sequence[str], *, fmt: str = "qcow2") -> None:
+    def write(
+        self, path: str | os.PathLike[str], cmds: Sequence[str], *, fmt: str = "qcow2"
+    ) -> None:
         """Run qemu-io commands (e.g. ``write -P 0xab 0 64k``) against an image."""
         args: list[str] = ["-f", fmt]
         for cmd in cmds:

@@ -1,0 +1,339 @@
+"""A backing chain: a top image and every image under it, read as QEMU's guest would.
+
+``BackingChain.open(top)`` follows backing names the way QEMU does: the format
+comes from the backing-format header extension (never from probing the file),
+relative names resolve against the directory of the image that names them
+(QEMU's ``path_combine``: no symlink resolution of the naming image), and a
+cycle, a missing file, a name outside ``allowed_roots`` or a chain longer than
+``max_depth`` images raises :class:`BackingChainError` naming the chain so far.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from types import TracebackType
+from typing import Any, Self
+
+import attrs
+
+from boxdisk._errors import (
+    BackingChainError,
+    ImageIOError,
+    InvalidArgumentError,
+    UnsupportedFeatureError,
+)
+from boxdisk._log import get_logger
+from boxdisk.image import Image, Qcow2Image, RawImage, Run, RunKind
+
+__all__ = ["DEFAULT_MAX_DEPTH", "BackingChain", "Extent", "open_chain"]
+
+log = get_logger(__name__)
+
+#: Most images (the top included) a chain may hold unless the caller says otherwise.
+DEFAULT_MAX_DEPTH = 64
+
+_FORMATS = ("qcow2", "raw")
+
+
+@attrs.define(frozen=True)
+class Extent:
+    """One entry of a chain's map, as ``qemu-img map --output=json`` reports it.
+
+    ``depth`` is the index of the image that decides the bytes (0: the top);
+    ``present`` is False where no image holds them (unallocated at the bottom,
+    or past the end of a shorter backing file); ``file`` and ``offset`` say
+    where the bytes live on the host, where they live in one place.
+    """
+
+    start: int
+    length: int
+    depth: int
+    present: bool
+    zero: bool
+    data: bool
+    offset: int | None = None
+    file: str | None = None
+
+    def as_qemu_json(self) -> dict[str, Any]:
+        """The dictionary ``qemu-img map --output=json`` prints for this extent."""
+        out: dict[str, Any] = {
+            "start": self.start, "length": self.length, "depth": self.depth,
+            "present": self.present, "zero": self.zero, "data": self.data,
+        }
+        if self.offset is not None:
+            out["offset"] = self.offset
+        return out
+
+
+def _open_image(path: str, fmt: str) -> Image:
+    if fmt == "qcow2":
+        return Qcow2Image.open(path)
+    if fmt == "raw":
+        return RawImage.open(path)
+    msg = f"image format {fmt!r} is not supported (boxdisk reads {', '.join(_FORMATS)})"
+    raise UnsupportedFeatureError(msg, path=path, field="format", value=fmt)
+
+
+def _under(path: str, roots: list[str]) -> bool:
+    return any(os.path.commonpath([path, root]) == root for root in roots)
+
+
+def _check_new(img: Image, path: str, seen: set[tuple[int, int]], names: list[str]) -> None:
+    """Refuse (closing ``img``) a file already in the chain: a loop."""
+    st = os.fstat(img.fd)
+    key = (st.st_dev, st.st_ino)
+    if key in seen:
+        img.close()
+        msg = f"backing chain loops: {path!r} is already in the chain"
+        raise BackingChainError(msg, path=path, field="backing_file", value=path,
+                                chain=tuple(names))
+    seen.add(key)
+
+
+def _backing_link(img: Image, path: str, names: list[str], fallback_format: str | None,
+                  max_depth: int, roots: list[str] | None) -> tuple[str, str] | None:
+    """(path, format) of ``img``'s backing file, resolved as QEMU does; None at the bottom."""
+    name = img.backing_file
+    if name is None:
+        return None
+    chain = tuple(names)
+    fmt = img.backing_format or fallback_format
+    if fmt is None:
+        msg = (f"names backing file {name!r} without a backing format; "
+               f"pass backing_format= (boxdisk never probes a backing file)")
+        raise BackingChainError(msg, path=path, field="backing_format", value=name, chain=chain)
+    if len(names) >= max_depth:
+        msg = f"backing chain is deeper than max_depth={max_depth} images"
+        raise BackingChainError(msg, path=path, field="backing_file", value=name, chain=chain)
+    if name.startswith("json:"):
+        msg = f"backing name {name!r} is a QEMU json: specification, not a file"
+        raise UnsupportedFeatureError(msg, path=path, field="backing_file", value=name)
+    # QEMU's path_combine: relative to the naming image's directory, as opened.
+    target = name if os.path.isabs(name) else os.path.join(os.path.dirname(path), name)
+    if roots is not None:
+        real = os.path.realpath(target)
+        if not _under(real, roots):
+            msg = (f"backing file {name!r} resolves to {real!r}, "
+                   f"outside the allowed roots {roots}")
+            raise BackingChainError(msg, path=path, field="backing_file", value=name,
+                                    chain=chain)
+    return target, fmt
+
+
+def _open_backing(child: str, path: str, fmt: str, names: list[str]) -> Image:
+    try:
+        return _open_image(path, fmt)
+    except ImageIOError as exc:
+        if not isinstance(exc.__cause__, FileNotFoundError):
+            raise
+        msg = f"backing file {path!r} does not exist"
+        raise BackingChainError(msg, path=child, field="backing_file", value=path,
+                                chain=tuple(names)) from None
+
+
+class BackingChain:
+    """An open backing chain, top image first; owns (and closes) every image in it.
+
+    Lifecycle: open from :meth:`open` until :meth:`close` (idempotent). Use it
+    as a context manager.
+    """
+
+    def __init__(self, images: list[Image]) -> None:
+        """Take ownership of ``images`` (top first); prefer :meth:`open`."""
+        if not images:
+            msg = "a backing chain needs at least one image"
+            raise InvalidArgumentError(msg, field="images")
+        self._images = list(images)
+        self._closed = False
+
+    @classmethod
+    def open(
+        cls,
+        top: str | os.PathLike[str],
+        *,
+        format: str | None = None,
+        backing_format: str | None = None,
+        max_depth: int = DEFAULT_MAX_DEPTH,
+        allowed_roots: Iterable[str | os.PathLike[str]] | None = None,
+    ) -> Self:
+        """Open ``top`` (``format``, default qcow2) and every backing file under it.
+
+        ``backing_format`` is used for the top's backing file only, and only
+        when the top carries no backing-format extension; below that, a missing
+        extension is an error (boxdisk never probes). ``max_depth`` bounds the
+        number of images, the top included. ``allowed_roots``, when given,
+        confines every backing file (after resolving symlinks) to those
+        directories; the top itself is the caller's choice and is not checked.
+        """
+        if max_depth < 1:
+            msg = f"max_depth must be at least 1, not {max_depth}"
+            raise InvalidArgumentError(msg, field="max_depth", value=max_depth)
+        roots = (None if allowed_roots is None
+                 else [os.path.realpath(os.fspath(r)) for r in allowed_roots])
+        path = os.fspath(top)
+        images: list[Image] = []
+        names: list[str] = []
+        seen: set[tuple[int, int]] = set()
+        try:
+            img = _open_image(path, format or "qcow2")
+            while True:
+                _check_new(img, path, seen, names)
+                images.append(img)
+                names.append(path)
+                link = _backing_link(img, path, names, backing_format if len(images) == 1
+                                     else None, max_depth, roots)
+                if link is None:
+                    break
+                child, path, fmt = path, *link
+                img = _open_backing(child, path, fmt, names)
+        except BaseException:
+            for opened in images:
+                opened.close()
+            raise
+        log.debug("chain_opened", top=names[0], depth=len(names))
+        return cls(images)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def close(self) -> None:
+        """Close every image; a second call does nothing."""
+        self._closed = True
+        for img in self._images:
+            img.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` has run."""
+        return self._closed
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<BackingChain {' -> '.join(self.paths)}>"
+
+    # -- facts ---------------------------------------------------------------
+
+    @property
+    def images(self) -> tuple[Image, ...]:
+        """The images, top first."""
+        return tuple(self._images)
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """Each image's path as opened (relative backing names joined), top first."""
+        return tuple(img.path for img in self._images)
+
+    @property
+    def size(self) -> int:
+        """The guest-visible size: the top's virtual size."""
+        return self._images[0].size
+
+    @property
+    def top(self) -> Image:
+        """The top image."""
+        return self._images[0]
+
+    # -- where bytes live ----------------------------------------------------
+
+    def _check_range(self, offset: int, length: int | None) -> int:
+        if self._closed:
+            msg = "backing chain is closed"
+            raise InvalidArgumentError(msg, path=self.paths[0], field="chain")
+        if length is None:
+            length = self.size - offset
+        if offset < 0 or length < 0 or offset + length > self.size:
+            msg = f"range [{offset}, {offset}+{length}) outside the {self.size}-byte disk"
+            raise InvalidArgumentError(msg, path=self.paths[0], field="offset", value=offset)
+        return length
+
+    def runs(self, offset: int = 0, length: int | None = None, *,
+             precise: bool = True) -> Iterator[tuple[int, Run]]:
+        """``(depth, run)`` pairs covering the range in order, through the whole chain.
+
+        An UNALLOCATED run only appears where no image holds the bytes: at the
+        bottom image's depth, or at the depth of the image whose backing file
+        ends before them. Both read as zeros. ``precise=False`` skips raw hole
+        detection (enough for reading).
+        """
+        length = self._check_range(offset, length)
+        return self._resolve(offset, offset + length, 0, precise)
+
+    def _resolve(self, start: int, end: int, depth: int,
+                 precise: bool) -> Iterator[tuple[int, Run]]:
+        images = self._images
+        below = depth + 1
+        for run in images[depth].runs(start, end - start, precise=precise):
+            if run.kind is not RunKind.UNALLOCATED or below == len(images):
+                yield depth, run
+                continue
+            inner_end = min(run.end, images[below].size)
+            if run.start < inner_end:
+                yield from self._resolve(run.start, inner_end, below, precise)
+            if inner_end < run.end:
+                tail = max(run.start, inner_end)
+                host = run.host_offset
+                yield depth, Run(RunKind.UNALLOCATED, tail, run.end - tail,
+                                 None if host is None else host + tail - run.start)
+
+    # -- reading -------------------------------------------------------------
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` with the guest bytes at ``offset``; ``buf`` must hold zeros."""
+        length = self._check_range(offset, len(buf))
+        images = self._images
+        for depth, run in self._resolve(offset, offset + length, 0, False):
+            kind = run.kind
+            if kind is RunKind.DATA or kind is RunKind.COMPRESSED:
+                pos = run.start - offset
+                images[depth].read_run_into(run, buf[pos : pos + run.length])
+
+    def read(self, offset: int, length: int) -> bytes:
+        """The guest bytes ``[offset, offset + length)``, exactly as QEMU's guest reads them."""
+        buf = bytearray(length)
+        self.read_into(offset, memoryview(buf))
+        return bytes(buf)
+
+    def map(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
+        """Extents like ``qemu-img map --output=json``, adjacent equal ones merged."""
+        images = self._images
+        cur: Extent | None = None
+        for depth, run in self.runs(offset, length):
+            kind = run.kind
+            present = kind is not RunKind.UNALLOCATED
+            data = kind is RunKind.DATA or kind is RunKind.COMPRESSED
+            host = None if kind is RunKind.COMPRESSED else run.host_offset
+            file = images[depth].path if host is not None else None
+            if (
+                cur is not None
+                and cur.depth == depth
+                and cur.present == present
+                and cur.data == data
+                and cur.file == file
+                and (host is None if cur.offset is None else host == cur.offset + cur.length)
+            ):
+                cur = attrs.evolve(cur, length=cur.length + run.length)
+                continue
+            if cur is not None:
+                yield cur
+            cur = Extent(run.start, run.length, depth, present, not data, data, host, file)
+        if cur is not None:
+            yield cur
+
+
+def open_chain(
+    top: str | os.PathLike[str],
+    *,
+    format: str | None = None,
+    backing_format: str | None = None,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    allowed_roots: Iterable[str | os.PathLike[str]] | None = None,
+) -> BackingChain:
+    """Open a backing chain (see :meth:`BackingChain.open`)."""
+    return BackingChain.open(top, format=format, backing_format=backing_format,
+                             max_depth=max_depth, allowed_roots=allowed_roots)

@@ -1,0 +1,451 @@
+"""One qcow2 file (v2 or v3), opened read-only: header, L1/L2 lookup, refcounts, runs.
+
+Reference: docs/interop/qcow2.txt ("Cluster mapping", "Extended L2 Entries",
+"Compressed Clusters Descriptor", "Host cluster management") and QEMU's
+block/qcow2-cluster.c (``qcow2_get_host_offset``). Every L1/L2 entry used is
+checked as the format codecs check it (reserved bits, alignment) and, beyond
+that, against the file: host offsets must lie inside it and outside the header,
+L1 table and refcount table.
+"""
+
+from __future__ import annotations
+
+import os
+from array import array
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from boxdisk._errors import CorruptImageError, ImageIOError, UnsupportedFeatureError
+from boxdisk._log import get_logger
+from boxdisk.format import (
+    EXT_CRYPTO_HEADER,
+    INCOMPAT_CORRUPT,
+    INCOMPAT_DATA_FILE,
+    INCOMPAT_DIRTY,
+    L2E_OFFSET_MASK,
+    L2E_STD_RESERVED_MASK,
+    MIN_HEADER_PROBE,
+    QCOW_OFLAG_COMPRESSED,
+    QCOW_OFLAG_COPIED,
+    QCOW_OFLAG_ZERO,
+    L1Entry,
+    L2Entry,
+    Qcow2Header,
+    cluster_size_of,
+    decode_refcount_table_entry,
+    parse_header,
+    unpack_refcount_block,
+    unpack_u64_table,
+)
+
+from ._base import Image
+from ._compress import decompress_cluster, require_codec
+from ._runs import RawRun, Run, RunKind, coalesce
+
+if TYPE_CHECKING:
+    from typing import Self
+
+__all__ = ["Qcow2Image"]
+
+log = get_logger(__name__)
+
+_UNALLOC = RunKind.UNALLOCATED
+_ZERO = RunKind.ZERO
+_DATA = RunKind.DATA
+_COMPRESSED = RunKind.COMPRESSED
+_SUBCLUSTERS = 32
+_ALL_ALLOC = 0xFFFF_FFFF
+_ALL_ZERO = 0xFFFF_FFFF << 32
+_DEFAULT_L2_CACHE = 16 * 1024 * 1024
+
+
+def _open_fd(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        msg = f"cannot open: {exc.strerror}"
+        raise ImageIOError(msg, path=path, field="path", value=path) from exc
+
+
+class Qcow2Image(Image):
+    """A qcow2 image file opened read-only.
+
+    ``runs()`` is the allocation map of the file's own clusters; ``read()``
+    reads them (unallocated stretches as zeros). ``l2_table(l1_index)`` and
+    ``refcount(cluster_index)`` are the lookups a writer builds on. L2 tables
+    are read whole, once, into an LRU cache bounded by ``l2_cache_bytes``.
+    """
+
+    format = "qcow2"
+    header: Qcow2Header
+    file_size: int
+    trust_refcounts: bool
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        trust_refcounts: bool = False,
+        l2_cache_bytes: int = _DEFAULT_L2_CACHE,
+    ) -> Self:
+        """Open ``path`` read-only and validate its header and L1 table.
+
+        Refuses (UnsupportedFeatureError) an external data file, encryption and
+        unknown incompatible bits, and (CorruptImageError) the corrupt bit; the
+        dirty bit is refused only with ``trust_refcounts=True``, since a dirty
+        image's refcounts may be stale while its L1/L2 tables are sound.
+        """
+        p = os.fspath(path)
+        self = cls.__new__(cls)
+        Image.__init__(self, p, _open_fd(p))
+        try:
+            self._load(trust_refcounts, l2_cache_bytes)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _load(self, trust_refcounts: bool, l2_cache_bytes: int) -> None:
+        path, fd = self.path, self._fd
+        try:
+            self.file_size = os.fstat(fd).st_size
+            probe = os.pread(fd, MIN_HEADER_PROBE, 0)
+            cs = cluster_size_of(probe, source=path)
+            h = parse_header(os.pread(fd, cs, 0), source=path)
+        except OSError as exc:
+            msg = f"cannot read the header: {exc.strerror}"
+            raise ImageIOError(msg, path=path, field="header") from exc
+        self._check_features(h, trust_refcounts)
+        require_codec(h.compression_type, path)
+        self.header = h
+        self.trust_refcounts = trust_refcounts
+        self.size = h.size
+        self.cluster_size = cs
+        self.cluster_bits = h.cluster_bits
+        self.backing_file = h.backing_file
+        self.backing_format = h.backing_format
+        self.extended_l2 = h.extended_l2
+        l1_bytes = h.l1_size * 8
+        if h.l1_size and h.l1_table_offset + l1_bytes > self.file_size:
+            msg = (f"L1 table at 0x{h.l1_table_offset:x} ({l1_bytes} bytes) runs past the "
+                   f"end of the {self.file_size}-byte file")
+            raise CorruptImageError(msg, path=path, field="l1_table_offset",
+                                    value=h.l1_table_offset)
+        self._l1 = unpack_u64_table(self._pread_exact(h.l1_table_offset, l1_bytes, "L1 table"))
+        rt_bytes = h.refcount_table_clusters * cs
+        # Host ranges no L2 table or data cluster may overlap: header, L1, refcount table.
+        self._metadata = (
+            (0, cs, "header"),
+            (h.l1_table_offset, h.l1_table_offset + l1_bytes, "L1 table"),
+            (h.refcount_table_offset, h.refcount_table_offset + rt_bytes, "refcount table"),
+        )
+        entry_bits = 4 if h.extended_l2 else 3
+        self._l2_entries = cs >> entry_bits
+        self._l2_span = self._l2_entries << h.cluster_bits  # guest bytes per L2 table
+        self._l2_cache: OrderedDict[int, array[int]] = OrderedDict()
+        self._l2_cache_max = max(4, l2_cache_bytes // cs)
+        self._reftable: array[int] | None = None
+        self._rb_cache: OrderedDict[int, list[int]] = OrderedDict()
+        self._zcache: tuple[int, bytes] | None = None
+
+    def _check_features(self, h: Qcow2Header, trust_refcounts: bool) -> None:
+        path = self.path
+        inc = h.incompatible_features
+        if inc & INCOMPAT_CORRUPT:
+            msg = "image is marked corrupt (incompatible bit 1); run qemu-img check -r all"
+            raise CorruptImageError(msg, path=path, field="incompatible_features", value=inc)
+        if inc & INCOMPAT_DATA_FILE or h.data_file is not None:
+            msg = "image uses an external data file, which boxdisk does not support"
+            raise UnsupportedFeatureError(msg, path=path, field="incompatible_features",
+                                          value=inc)
+        if h.crypt_method != 0 or h.extension(EXT_CRYPTO_HEADER) is not None:
+            msg = f"image is encrypted (crypt_method {h.crypt_method}); boxdisk does not decrypt"
+            raise UnsupportedFeatureError(msg, path=path, field="crypt_method",
+                                          value=h.crypt_method)
+        if inc & INCOMPAT_DIRTY and trust_refcounts:
+            msg = "image is marked dirty: its refcounts cannot be trusted until repaired"
+            raise CorruptImageError(msg, path=path, field="incompatible_features", value=inc)
+
+    # -- raw access ----------------------------------------------------------
+
+    def _pread_exact(self, offset: int, length: int, what: str) -> bytes:
+        try:
+            data = os.pread(self.fd, length, offset)
+        except OSError as exc:
+            msg = f"cannot read {what} at 0x{offset:x}: {exc.strerror}"
+            raise ImageIOError(msg, path=self.path, field=what, value=offset) from exc
+        if len(data) != length:
+            msg = f"{what} at 0x{offset:x} ({length} bytes) runs past the end of the file"
+            raise CorruptImageError(msg, path=self.path, field=what, value=offset)
+        return data
+
+    def _check_host_range(self, start: int, end: int, where: str, what: str) -> None:
+        if start >= self.file_size:
+            msg = (f"{where}: {what} at 0x{start:x} lies past the end of the "
+                   f"{self.file_size}-byte file")
+            raise CorruptImageError(msg, path=self.path, field=where, value=start)
+        for m_start, m_end, name in self._metadata:
+            if start < m_end and m_start < end:
+                msg = f"{where}: {what} at 0x{start:x} overlaps the {name}"
+                raise CorruptImageError(msg, path=self.path, field=where, value=start)
+
+    # -- L1 / L2 -------------------------------------------------------------
+
+    @property
+    def l1_table(self) -> array[int]:
+        """The active L1 table, raw words (read once at open)."""
+        return self._l1
+
+    @property
+    def l2_span(self) -> int:
+        """Guest bytes one L2 table maps."""
+        return self._l2_span
+
+    def l2_offset(self, l1_index: int) -> int:
+        """The validated host offset of L2 table ``l1_index`` (0: not allocated)."""
+        if l1_index >= len(self._l1):
+            return 0
+        raw = self._l1[l1_index]
+        if raw == 0:
+            return 0
+        where = f"L1 entry {l1_index}"
+        offset = L1Entry.decode(raw, cluster_size=self.cluster_size, source=self.path,
+                                where=where).l2_offset
+        if offset:
+            self._check_host_range(offset, offset + self.cluster_size, where, "L2 table")
+            if offset + self.cluster_size > self.file_size:
+                msg = f"{where}: L2 table at 0x{offset:x} runs past the end of the file"
+                raise CorruptImageError(msg, path=self.path, field=where, value=offset)
+        return offset
+
+    def l2_table(self, l1_index: int) -> array[int] | None:
+        """L2 table ``l1_index`` as raw words (pairs with extended L2), or None if unallocated."""
+        offset = self.l2_offset(l1_index)
+        if offset == 0:
+            return None
+        cache = self._l2_cache
+        table = cache.get(offset)
+        if table is not None:
+            cache.move_to_end(offset)
+            return table
+        table = unpack_u64_table(
+            self._pread_exact(offset, self.cluster_size, f"L2 table of L1 entry {l1_index}")
+        )
+        cache[offset] = table
+        if len(cache) > self._l2_cache_max:
+            cache.popitem(last=False)
+        return table
+
+    # -- refcounts -----------------------------------------------------------
+
+    def refcount(self, cluster_index: int) -> int:
+        """The refcount of host cluster ``cluster_index`` (0 where no block covers it)."""
+        h, cs = self.header, self.cluster_size
+        per_block = cs * 8 >> h.refcount_order
+        rt_index, rb_index = divmod(cluster_index, per_block)
+        if self._reftable is None:
+            self._reftable = unpack_u64_table(self._pread_exact(
+                h.refcount_table_offset, h.refcount_table_clusters * cs, "refcount table"))
+        if rt_index >= len(self._reftable):
+            return 0
+        where = f"refcount table entry {rt_index}"
+        block_offset = decode_refcount_table_entry(
+            self._reftable[rt_index], cluster_size=cs, source=self.path, where=where)
+        if block_offset == 0:
+            return 0
+        block = self._rb_cache.get(block_offset)
+        if block is None:
+            self._check_host_range(block_offset, block_offset + cs, where, "refcount block")
+            raw = self._pread_exact(block_offset, cs, where)
+            block = unpack_refcount_block(raw, h.refcount_order)
+            self._rb_cache[block_offset] = block
+            if len(self._rb_cache) > 8:
+                self._rb_cache.popitem(last=False)
+        return block[rb_index]
+
+    # -- runs ----------------------------------------------------------------
+
+    def runs(self, offset: int = 0, length: int | None = None, *,
+             precise: bool = True) -> Iterator[Run]:
+        """Runs of this file's own clusters over ``[offset, offset + length)``, coalesced."""
+        length = self._check_range(offset, length)
+        return coalesce(self._raw_runs(offset, offset + length))
+
+    def _raw_runs(self, start: int, end: int) -> Iterator[RawRun]:
+        span = self._l2_span
+        pos = start
+        while pos < end:
+            l1_index = pos // span
+            seg_end = min(end, (l1_index + 1) * span)
+            table = self.l2_table(l1_index)
+            if table is None:
+                yield (_UNALLOC, pos, seg_end - pos, None, 0)
+            elif self.extended_l2:
+                yield from self._ext_l2_runs(l1_index, table, pos, seg_end)
+            else:
+                yield from self._std_l2_runs(l1_index, table, pos, seg_end)
+            pos = seg_end
+
+    def _bad_entry(self, raw: int, where: str, bitmap: int = 0) -> None:
+        """Raise the codec's error for an entry the fast path did not accept."""
+        L2Entry.decode(raw, cluster_bits=self.cluster_bits, l2_bitmap=bitmap,
+                       extended=self.extended_l2, version=self.header.version,
+                       source=self.path, where=where)
+
+    def _compressed(self, raw: int, where: str) -> tuple[int, int]:
+        entry = L2Entry.decode(raw, cluster_bits=self.cluster_bits, source=self.path,
+                               where=where)
+        coffset, csize = entry.host_offset, entry.compressed_size()
+        if coffset < self.cluster_size:
+            msg = f"{where}: compressed data at 0x{coffset:x} lies inside the header cluster"
+            raise CorruptImageError(msg, path=self.path, field=where, value=raw)
+        # The descriptor is rounded up to 512-byte sectors, so its end may pass the
+        # end of the file by less than one sector.
+        if coffset >= self.file_size or coffset + csize > -(-self.file_size // 512) * 512:
+            msg = (f"{where}: compressed data at 0x{coffset:x} ({csize} bytes) runs past "
+                   f"the end of the {self.file_size}-byte file")
+            raise CorruptImageError(msg, path=self.path, field=where, value=raw)
+        return coffset, csize
+
+    def _std_l2_runs(self, l1_index: int, t: array[int], pos: int,
+                     seg_end: int) -> Iterator[RawRun]:
+        cb, cs = self.cluster_bits, self.cluster_size
+        base = l1_index * self._l2_span
+        i = (pos - base) >> cb
+        last = ((seg_end - 1 - base) >> cb) + 1
+        v3 = self.header.version >= 3
+        while i < last:
+            e = t[i]
+            j = i + 1
+            host: int | None = None
+            csize = 0
+            if e == 0:
+                while j < last and t[j] == 0:
+                    j += 1
+                kind = _UNALLOC
+            elif e & QCOW_OFLAG_COMPRESSED:
+                kind = _COMPRESSED
+                host, csize = self._compressed(e, f"L2 entry {l1_index}/{i}")
+            else:
+                off = e & L2E_OFFSET_MASK
+                if e & L2E_STD_RESERVED_MASK or off & (cs - 1) or (e & QCOW_OFLAG_ZERO
+                                                                   and not v3):
+                    self._bad_entry(e, f"L2 entry {l1_index}/{i}")
+                if e & QCOW_OFLAG_ZERO:
+                    kind = _ZERO
+                    if off:
+                        self._check_host_range(off, off + cs, f"L2 entry {l1_index}/{i}",
+                                               "preallocated zero cluster")
+                        host = off
+                    else:
+                        while j < last and t[j] & ~QCOW_OFLAG_COPIED == QCOW_OFLAG_ZERO:
+                            j += 1
+                elif off == 0:
+                    kind = _UNALLOC
+                else:
+                    kind = _DATA
+                    host = off
+                    step = e
+                    while j < last:
+                        step += cs
+                        if t[j] != step:
+                            break
+                        j += 1
+                    if off + (j - i - 1) * cs >= self.file_size:
+                        # Name the first cluster of the run that starts past the end.
+                        k = i + max(0, -(-(self.file_size - off) // cs))
+                        self._check_host_range(off + (k - i) * cs, off + (k - i + 1) * cs,
+                                               f"L2 entry {l1_index}/{k}", "data cluster")
+                    self._check_host_range(off, off + (j - i) * cs, f"L2 entry {l1_index}/{i}",
+                                           "data cluster")
+            cstart = base + (i << cb)
+            s = max(cstart, pos)
+            n = min(base + (j << cb), seg_end) - s
+            if host is not None and kind is not _COMPRESSED:
+                host += s - cstart
+            yield (kind, s, n, host, csize)
+            i = j
+
+    def _ext_l2_runs(self, l1_index: int, t: array[int], pos: int,
+                     seg_end: int) -> Iterator[RawRun]:
+        cb, cs = self.cluster_bits, self.cluster_size
+        sc = cs // _SUBCLUSTERS
+        base = l1_index * self._l2_span
+        i = (pos - base) >> cb
+        last = ((seg_end - 1 - base) >> cb) + 1
+        host: int | None
+        while i < last:
+            e, bm = t[2 * i], t[2 * i + 1]
+            cstart = base + (i << cb)
+            where = f"L2 entry {l1_index}/{i}"
+            if e == 0 and bm == 0:
+                j = i + 1
+                while j < last and t[2 * j] == 0 and t[2 * j + 1] == 0:
+                    j += 1
+                s = max(cstart, pos)
+                yield (_UNALLOC, s, min(base + (j << cb), seg_end) - s, None, 0)
+                i = j
+                continue
+            if e & QCOW_OFLAG_COMPRESSED:
+                if bm:
+                    self._bad_entry(e, where, bm)
+                host, csize = self._compressed(e, where)
+                s = max(cstart, pos)
+                yield (_COMPRESSED, s, min(cstart + cs, seg_end) - s, host, csize)
+                i += 1
+                continue
+            off = L2Entry.decode(e, cluster_bits=cb, l2_bitmap=bm, extended=True,
+                                 version=self.header.version, source=self.path,
+                                 where=where).host_offset
+            if off:
+                self._check_host_range(off, off + cs, where, "data cluster")
+            # Per subcluster: the zero bit wins, then the allocation bit (qcow2.txt,
+            # "Extended L2 Entries"); neither means "read from the backing file".
+            for k in range(_SUBCLUSTERS):
+                s = cstart + k * sc
+                e_ = s + sc
+                if e_ <= pos:
+                    continue
+                if s >= seg_end:
+                    break
+                s2, n = max(s, pos), min(e_, seg_end) - max(s, pos)
+                host = None
+                if bm >> (32 + k) & 1:
+                    kind = _ZERO
+                    if off:
+                        host = off + (s2 - cstart)
+                elif bm >> k & 1:
+                    kind = _DATA
+                    host = off + (s2 - cstart)
+                else:
+                    kind = _UNALLOC  # QEMU's UNALLOCATED_ALLOC keeps its host offset
+                    if off:
+                        host = off + (s2 - cstart)
+                yield (kind, s2, n, host, 0)
+            i += 1
+
+    # -- reading -------------------------------------------------------------
+
+    def read_compressed(self, run: Run) -> bytes:
+        """The whole guest cluster a COMPRESSED run lies in, inflated (one-cluster cache)."""
+        assert run.host_offset is not None
+        coffset = run.host_offset
+        cached = self._zcache
+        if cached is not None and cached[0] == coffset:
+            return cached[1]
+        n = min(run.compressed_size, self.file_size - coffset)
+        try:
+            data = os.pread(self.fd, n, coffset)
+        except OSError as exc:
+            msg = f"cannot read compressed cluster at 0x{coffset:x}: {exc.strerror}"
+            raise ImageIOError(msg, path=self.path, field="compressed cluster",
+                               value=coffset) from exc
+        guest_cluster = run.start >> self.cluster_bits
+        out = decompress_cluster(
+            data, self.header.compression_type, self.cluster_size, path=self.path,
+            where=f"compressed cluster of guest cluster {guest_cluster} at 0x{coffset:x}",
+        )
+        self._zcache = (coffset, out)
+        return out

@@ -1,0 +1,198 @@
+"""Opening a chain: formats from the header, names as QEMU resolves them, and refusals.
+
+A cycle, a missing file, a name outside ``allowed_roots``, a missing backing
+format and too deep a chain each raise BackingChainError naming the chain so far.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+from boxdisk._errors import BackingChainError, InvalidArgumentError, UnsupportedFeatureError
+from boxdisk.chain import DEFAULT_MAX_DEPTH, BackingChain, Extent, open_chain
+from boxdisk.format import Qcow2Header, parse_header
+
+pytestmark = pytest.mark.qemu
+
+
+def _rewrite_backing(path: Path, name: str | None, fmt: str | None) -> None:
+    """Point ``path`` at another backing file, header only (what a hostile image could do)."""
+    buf = path.read_bytes()
+    cs = 1 << int.from_bytes(buf[20:24], "big")
+    header: Qcow2Header = parse_header(buf[:cs], source=str(path))
+    head = header.with_backing(name, fmt).pack()
+    with open(path, "r+b") as f:
+        f.write(head + bytes(cs - len(head)))
+
+
+def _chain(qemu, tmp_path: Path, n: int) -> list[Path]:
+    paths = []
+    for i in range(n):
+        p = tmp_path / f"l{i}.qcow2"
+        args = ["create", "-q", "-f", "qcow2"]
+        if paths:
+            args += ["-b", paths[-1].name, "-F", "qcow2"]
+        qemu.img(*args, p, "1M")
+        paths.append(p)
+    return paths
+
+
+def test_open_lists_images_top_first(qemu, tmp_path: Path) -> None:
+    paths = _chain(qemu, tmp_path, 3)
+    with open_chain(paths[-1]) as chain:
+        assert chain.paths == (str(paths[2]), str(tmp_path / "l1.qcow2"),
+                               str(tmp_path / "l0.qcow2"))
+        assert [img.format for img in chain.images] == ["qcow2"] * 3
+        assert chain.size == 1024 * 1024
+        assert chain.top is chain.images[0]
+    assert chain.closed
+    assert all(img.closed for img in chain.images)
+    chain.close()  # idempotent
+
+
+def test_close_releases_every_file(qemu, tmp_path: Path) -> None:
+    paths = _chain(qemu, tmp_path, 4)
+    before = len(os.listdir("/proc/self/fd"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(5):
+            with BackingChain.open(paths[-1]) as chain:
+                chain.read(0, 4096)
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_reading_a_closed_chain_is_refused(qemu, tmp_path: Path) -> None:
+    paths = _chain(qemu, tmp_path, 1)
+    chain = BackingChain.open(paths[0])
+    chain.close()
+    with pytest.raises(InvalidArgumentError):
+        chain.read(0, 1)
+
+
+def test_self_loop(qemu, tmp_path: Path) -> None:
+    (p,) = _chain(qemu, tmp_path, 1)
+    _rewrite_backing(p, p.name, "qcow2")
+    with pytest.raises(BackingChainError, match="loops") as info:
+        BackingChain.open(p)
+    assert info.value.chain == (str(p),)
+
+
+def test_two_image_loop(qemu, tmp_path: Path) -> None:
+    a, b = _chain(qemu, tmp_path, 2)
+    _rewrite_backing(a, b.name, "qcow2")  # a -> b -> a
+    with pytest.raises(BackingChainError, match="chain so far") as info:
+        BackingChain.open(b)
+    assert info.value.chain == (str(b), str(a))
+
+
+def test_loop_through_a_symlink(qemu, tmp_path: Path) -> None:
+    a, b = _chain(qemu, tmp_path, 2)
+    (tmp_path / "alias.qcow2").symlink_to(b.name)
+    _rewrite_backing(a, "alias.qcow2", "qcow2")
+    with pytest.raises(BackingChainError, match="loops"):
+        BackingChain.open(b)
+
+
+def test_missing_backing_file(qemu, tmp_path: Path) -> None:
+    a, b = _chain(qemu, tmp_path, 2)
+    a.unlink()
+    with pytest.raises(BackingChainError, match="does not exist") as info:
+        BackingChain.open(b)
+    assert info.value.path == str(b)
+    assert info.value.chain == (str(b),)
+
+
+def test_too_deep(qemu, tmp_path: Path) -> None:
+    paths = _chain(qemu, tmp_path, 5)
+    with BackingChain.open(paths[-1], max_depth=5) as chain:
+        assert len(chain.images) == 5
+    with pytest.raises(BackingChainError, match="max_depth=4") as info:
+        BackingChain.open(paths[-1], max_depth=4)
+    assert len(info.value.chain) == 4
+    assert DEFAULT_MAX_DEPTH >= 8
+
+
+def test_missing_backing_format_is_never_probed(qemu, tmp_path: Path) -> None:
+    base = tmp_path / "base.raw"
+    qemu.img("create", "-q", "-f", "raw", base, "1M")
+    qemu.write(base, ["write -P 7 0 4k"], fmt="raw")
+    top = tmp_path / "top.qcow2"
+    qemu.img("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", top, "1M")
+    _rewrite_backing(top, "base.raw", None)
+    with pytest.raises(BackingChainError, match="backing_format="):
+        BackingChain.open(top)
+    with BackingChain.open(top, backing_format="raw") as chain:
+        assert chain.read(0, 4) == b"\7" * 4
+
+
+def test_missing_format_below_the_top_is_refused(qemu, tmp_path: Path) -> None:
+    a, b, c = _chain(qemu, tmp_path, 3)
+    _rewrite_backing(b, a.name, None)
+    with pytest.raises(BackingChainError, match="without a backing format") as info:
+        BackingChain.open(c, backing_format="qcow2")
+    assert info.value.chain == (str(c), str(b))
+
+
+def test_unknown_backing_format(qemu, tmp_path: Path) -> None:
+    a, b = _chain(qemu, tmp_path, 2)
+    _rewrite_backing(b, a.name, "vmdk")
+    with pytest.raises(UnsupportedFeatureError, match="vmdk"):
+        BackingChain.open(b)
+
+
+def test_allowed_roots(qemu, tmp_path: Path) -> None:
+    inside = tmp_path / "store"
+    outside = tmp_path / "elsewhere"
+    inside.mkdir()
+    outside.mkdir()
+    secret = outside / "secret.raw"
+    secret.write_bytes(b"s" * 4096)
+    top = inside / "top.qcow2"
+    qemu.img("create", "-q", "-f", "qcow2", "-b", "../elsewhere/secret.raw", "-F", "raw",
+             top, "4096")
+    with pytest.raises(BackingChainError, match="outside the allowed roots"):
+        BackingChain.open(top, allowed_roots=[inside])
+    # a symlink inside the root that leads out is still outside
+    (inside / "link.raw").symlink_to(secret)
+    _rewrite_backing(top, "link.raw", "raw")
+    with pytest.raises(BackingChainError, match="outside the allowed roots"):
+        BackingChain.open(top, allowed_roots=[inside])
+    with BackingChain.open(top, allowed_roots=[inside, outside]) as chain:
+        assert chain.read(0, 1) == b"s"
+
+
+def test_absolute_backing_name(qemu, tmp_path: Path) -> None:
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"\1" * 8192)
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    top = sub / "top.qcow2"
+    qemu.img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", top, "8192")
+    with BackingChain.open(top) as chain:
+        assert chain.paths[1] == str(base)
+        assert chain.read(8000, 192) == b"\1" * 192
+
+
+def test_raw_top(tmp_path: Path) -> None:
+    p = tmp_path / "disk.raw"
+    p.write_bytes(b"x" * 1000)
+    with BackingChain.open(p, format="raw") as chain:
+        assert chain.size == 1000
+        assert chain.read(990, 10) == b"x" * 10
+        assert list(chain.map()) == [Extent(0, 1000, 0, True, False, True, 0, str(p))]
+    with pytest.raises(InvalidArgumentError):
+        BackingChain.open(p, max_depth=0)
+
+
+def test_read_outside_the_disk_is_refused(qemu, tmp_path: Path) -> None:
+    (p,) = _chain(qemu, tmp_path, 1)
+    with BackingChain.open(p) as chain:
+        with pytest.raises(InvalidArgumentError):
+            chain.read(1024 * 1024 - 1, 2)
+        with pytest.raises(InvalidArgumentError):
+            chain.read(-1, 1)
+        assert chain.read(1024 * 1024, 0) == b""
