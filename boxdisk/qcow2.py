@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -269,13 +270,18 @@ def create_disk(
     return Disk(target, DiskFormat.QCOW2, persistent)
 
 
-def _base_size(base: Path, fmt: BackingFormat) -> int:
-    if fmt is BackingFormat.QCOW2:
-        return read_header(base).size
+def _base_size(base: Path, base_real: str, fmt: BackingFormat) -> int:
+    """The base's virtual size; raises if it is not a regular file (or not a qcow2)."""
     try:
-        return os.stat(base).st_size
-    except OSError as exc:
-        raise _io_error(base, "cannot stat base disk", exc) from None
+        st = os.stat(base_real)
+    except OSError:
+        st = None
+    if st is None or not stat.S_ISREG(st.st_mode):
+        msg = "base disk does not exist or is not a regular file"
+        raise BackingChainError(msg, path=base, field="backing_file", value=os.fspath(base))
+    if fmt is BackingFormat.QCOW2:
+        return read_header(base_real).size
+    return st.st_size
 
 
 def _backing_name(base_real: str, child: Path, relative: bool) -> str:
@@ -312,10 +318,7 @@ def create_cow_child_disk(
     base = Path(base_disk)
     child = Path(child_path)
     base_real = os.path.realpath(base)
-    if not os.path.isfile(base_real):
-        msg = "base disk does not exist or is not a regular file"
-        raise BackingChainError(msg, path=base, field="backing_file", value=os.fspath(base))
-    base_size = _base_size(base, fmt)  # for qcow2 this also checks the base is one
+    base_size = _base_size(base, base_real, fmt)  # for qcow2 this also checks the base is one
     size = _round_size(base_size if virtual_size is None else virtual_size)
     _make_parent(child)
     name = _backing_name(base_real, child, relative)

@@ -8,6 +8,8 @@ bytes: an all-zero L1 table costs no disk space.
 
 from __future__ import annotations
 
+import functools
+
 import attrs
 
 from boxdisk._errors import CorruptImageError, InvalidArgumentError
@@ -54,6 +56,7 @@ def refcount_ones(count: int, refcount_order: int) -> bytes:
     return out
 
 
+@functools.lru_cache(maxsize=64)
 def plan_new_image(
     size: int,
     *,
@@ -63,7 +66,10 @@ def plan_new_image(
     backing_format: str | None = None,
     extended_l2: bool = False,
 ) -> NewImageLayout:
-    """Plan a new, empty qcow2 v3 image of ``size`` virtual bytes."""
+    """Plan a new, empty qcow2 v3 image of ``size`` virtual bytes.
+
+    Pure and cached: a launcher making many children of one base plans once.
+    """
     if not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
         msg = f"cluster size 2^{cluster_bits} is outside 512 B .. 2 MiB"
         raise InvalidArgumentError(msg, field="cluster_size", value=1 << cluster_bits)
