@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the whole workflow in a temporary directory")
     demo.add_argument("--keep", action="store_true", help="keep the temporary directory")
     demo.set_defaults(func=_cmd_demo)
+    from ._cli._image import add_image_commands  # noqa: PLC0415
+
+    add_image_commands(sub)
     return parser
 
 
@@ -63,7 +66,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"boxdisk: error: {exc}", file=sys.stderr)
-        return 1
+        return int(getattr(args, "error_exit", 1))
+    except OSError as exc:  # a file the user named (not an image) could not be used
+        if args.debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"boxdisk: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return int(getattr(args, "error_exit", 1))
     except KeyboardInterrupt:
         return 130
 

@@ -1,0 +1,1 @@
+"""The pieces of the ``boxdisk`` command line (entry point: :mod:`boxdisk.cli`)."""
