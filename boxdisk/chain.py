@@ -33,6 +33,12 @@ log = get_logger(__name__)
 #: Most images (the top included) a chain may hold unless the caller says otherwise.
 DEFAULT_MAX_DEPTH = 64
 
+#: L2 tables cached by all the images of one chain together, so memory stays
+#: bounded however deep the chain is (each image keeps at least 4 tables).
+_CHAIN_L2_CACHE_BYTES = 32 * 1024 * 1024
+
+_ZEROS = memoryview(bytes(1024 * 1024))
+
 _FORMATS = ("qcow2", "raw")
 
 
@@ -121,15 +127,29 @@ def _backing_link(img: Image, path: str, names: list[str], fallback_format: str 
     return target, fmt
 
 
-def _open_backing(child: str, path: str, fmt: str, names: list[str]) -> Image:
+def _open_backing(child: str, path: str, fmt: str, names: list[str],
+                  roots: list[str] | None) -> Image:
     try:
-        return _open_image(path, fmt)
+        img = _open_image(path, fmt)
     except ImageIOError as exc:
         if not isinstance(exc.__cause__, FileNotFoundError):
             raise
         msg = f"backing file {path!r} does not exist"
         raise BackingChainError(msg, path=child, field="backing_file", value=path,
                                 chain=tuple(names)) from None
+    if roots is not None:
+        # The name was checked before opening; check the file actually opened too,
+        # so a symlink swapped in between cannot lead outside the roots.
+        try:
+            opened = os.readlink(f"/proc/self/fd/{img.fd}")
+        except OSError:
+            opened = os.path.realpath(path)
+        if not _under(opened, roots):
+            img.close()
+            msg = f"backing file {path!r} opened as {opened!r}, outside the allowed roots {roots}"
+            raise BackingChainError(msg, path=child, field="backing_file", value=path,
+                                    chain=tuple(names))
+    return img
 
 
 class BackingChain:
@@ -146,6 +166,10 @@ class BackingChain:
             raise InvalidArgumentError(msg, field="images")
         self._images = list(images)
         self._closed = False
+        share = _CHAIN_L2_CACHE_BYTES // len(self._images)
+        for img in self._images:
+            if isinstance(img, Qcow2Image):
+                img.set_l2_cache_bytes(min(share, 16 * 1024 * 1024))
 
     @classmethod
     def open(
@@ -186,7 +210,7 @@ class BackingChain:
                 if link is None:
                     break
                 child, path, fmt = path, *link
-                img = _open_backing(child, path, fmt, names)
+                img = _open_backing(child, path, fmt, names, roots)
         except BaseException:
             for opened in images:
                 opened.close()
@@ -283,47 +307,78 @@ class BackingChain:
 
     # -- reading -------------------------------------------------------------
 
-    def read_into(self, offset: int, buf: memoryview) -> None:
-        """Fill ``buf`` with the guest bytes at ``offset``; ``buf`` must hold zeros."""
+    def read_into(self, offset: int, buf: memoryview | bytearray) -> None:
+        """Fill ``buf`` with the guest bytes at ``offset`` (every byte of it is written)."""
+        self._read_into(offset, memoryview(buf), zeroed=False)
+
+    def _read_into(self, offset: int, buf: memoryview, *, zeroed: bool) -> None:
         length = self._check_range(offset, len(buf))
         images = self._images
         for depth, run in self._resolve(offset, offset + length, 0, False):
             kind = run.kind
+            pos = run.start - offset
             if kind is RunKind.DATA or kind is RunKind.COMPRESSED:
-                pos = run.start - offset
                 images[depth].read_run_into(run, buf[pos : pos + run.length])
+            elif not zeroed:
+                _fill_zeros(buf, pos, pos + run.length)
 
     def read(self, offset: int, length: int) -> bytes:
         """The guest bytes ``[offset, offset + length)``, exactly as QEMU's guest reads them."""
         buf = bytearray(length)
-        self.read_into(offset, memoryview(buf))
+        self._read_into(offset, memoryview(buf), zeroed=True)
         return bytes(buf)
 
     def map(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
-        """Extents like ``qemu-img map --output=json``, adjacent equal ones merged."""
-        images = self._images
+        """Extents like ``qemu-img map --output=json``, adjacent mergeable ones merged.
+
+        Merging follows qemu-img's ``entry_mergeable``: same depth, present,
+        zero and data flags, same host file, and contiguous host offsets.
+        """
         cur: Extent | None = None
-        for depth, run in self.runs(offset, length):
-            kind = run.kind
-            present = kind is not RunKind.UNALLOCATED
-            data = kind is RunKind.DATA or kind is RunKind.COMPRESSED
-            host = None if kind is RunKind.COMPRESSED else run.host_offset
-            file = images[depth].path if host is not None else None
+        for ext in self._extents(offset, length):
             if (
                 cur is not None
-                and cur.depth == depth
-                and cur.present == present
-                and cur.data == data
-                and cur.file == file
-                and (host is None if cur.offset is None else host == cur.offset + cur.length)
+                and cur.depth == ext.depth
+                and cur.present == ext.present
+                and cur.zero == ext.zero
+                and cur.data == ext.data
+                and cur.file == ext.file
+                and (ext.offset is None if cur.offset is None
+                     else ext.offset == cur.offset + cur.length)
             ):
-                cur = attrs.evolve(cur, length=cur.length + run.length)
+                cur = attrs.evolve(cur, length=cur.length + ext.length)
                 continue
             if cur is not None:
                 yield cur
-            cur = Extent(run.start, run.length, depth, present, not data, data, host, file)
+            cur = ext
         if cur is not None:
             yield cur
+
+    def _extents(self, offset: int, length: int | None) -> Iterator[Extent]:
+        """One unmerged extent per run (a data run may split where its host file has holes)."""
+        images = self._images
+        for depth, run in self.runs(offset, length):
+            kind = run.kind
+            img = images[depth]
+            present = kind is not RunKind.UNALLOCATED
+            data = kind is RunKind.DATA or kind is RunKind.COMPRESSED
+            host = None if kind is RunKind.COMPRESSED else run.host_offset
+            file = img.path if host is not None else None
+            if (kind is RunKind.DATA and host is not None and isinstance(img, Qcow2Image)
+                    and img.metadata_preallocation):
+                # QEMU then asks the file (BDRV_BLOCK_RECURSE): holes read as zeros.
+                for is_data, h_start, h_stop in img.host_data_extents(host, run.length):
+                    yield Extent(run.start + h_start - host, h_stop - h_start, depth, True,
+                                 not is_data, True, h_start, file)
+                continue
+            yield Extent(run.start, run.length, depth, present, not data, data, host, file)
+
+
+def _fill_zeros(buf: memoryview, start: int, end: int) -> None:
+    while start < end:
+        n = min(end - start, len(_ZEROS))
+        buf[start : start + n] = _ZEROS[:n]
+        start += n
 
 
 def open_chain(

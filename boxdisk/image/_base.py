@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import warnings
 from collections.abc import Iterator
 from types import TracebackType
@@ -12,7 +14,78 @@ from boxdisk._errors import ImageIOError, InvalidArgumentError
 
 from ._runs import Run, RunKind
 
-__all__ = ["Image"]
+__all__ = ["Image", "data_extents", "open_image_fd"]
+
+
+def open_image_fd(path: str) -> tuple[int, int]:
+    """Open ``path`` read-only and return ``(fd, size in bytes)``.
+
+    Only regular files and block devices are images. The open does not block
+    (a FIFO named as a backing file must not hang the caller) and a block
+    device's size comes from seeking to its end, as QEMU's file driver does.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as exc:
+        msg = f"cannot open: {exc.strerror}"
+        raise ImageIOError(msg, path=path, field="path", value=path) from exc
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            size = st.st_size
+        elif stat.S_ISBLK(st.st_mode):
+            size = os.lseek(fd, 0, os.SEEK_END)
+        else:
+            kind = "directory" if stat.S_ISDIR(st.st_mode) else "special file"
+            msg = f"is a {kind}, not a regular file or block device"
+            raise ImageIOError(msg, path=path, field="path", value=path)
+        os.set_blocking(fd, True)
+    except OSError as exc:
+        os.close(fd)
+        if isinstance(exc, ImageIOError):
+            raise
+        msg = f"cannot inspect: {exc.strerror}"
+        raise ImageIOError(msg, path=path, field="path", value=path) from exc
+    return fd, size
+
+
+def data_extents(fd: int, path: str, pos: int, end: int,
+                 file_size: int) -> Iterator[tuple[bool, int, int]]:
+    """``(is_data, start, stop)`` over host bytes ``[pos, end)`` from SEEK_DATA/SEEK_HOLE.
+
+    Bytes past ``file_size`` are a hole, as QEMU's file driver reports them. A
+    file or device that cannot answer (EINVAL, EOPNOTSUPP) is all data, again
+    as QEMU assumes.
+    """
+    stop = min(end, file_size)
+    while pos < stop:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole up to the end
+                data = stop
+            elif exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                yield True, pos, stop
+                pos = stop
+                break
+            else:
+                msg = f"SEEK_DATA failed: {exc.strerror}"
+                raise ImageIOError(msg, path=path, field="offset", value=pos) from exc
+        data = min(data, stop)
+        if data > pos:
+            yield False, pos, data
+        if data >= stop:
+            pos = stop
+            break
+        try:
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), stop)
+        except OSError as exc:
+            msg = f"SEEK_HOLE failed: {exc.strerror}"
+            raise ImageIOError(msg, path=path, field="offset", value=data) from exc
+        yield True, data, hole
+        pos = hole
+    if pos < end:
+        yield False, pos, end
 
 
 class Image:
@@ -101,7 +174,7 @@ class Image:
         raise NotImplementedError
 
     def read_run_into(self, run: Run, buf: memoryview) -> None:
-        """Fill ``buf`` (``run.length`` bytes, zero-initialised) with the run's guest bytes.
+        """Fill ``buf`` (``run.length`` bytes) with a DATA or COMPRESSED run's guest bytes.
 
         UNALLOCATED and ZERO runs leave ``buf`` untouched; the caller decides
         what an unallocated stretch reads as.
@@ -115,7 +188,7 @@ class Image:
             buf[:] = cluster[intra : intra + run.length]
 
     def pread_into(self, buf: memoryview, host_offset: int) -> None:
-        """Read host bytes into ``buf``; bytes past the end of the file stay as they are."""
+        """Read host bytes into ``buf``; bytes past the end of the file read as zeros."""
         fd = self.fd
         done, want = 0, len(buf)
         while done < want:
@@ -126,6 +199,7 @@ class Image:
                 raise ImageIOError(msg, path=self.path, field="host_offset",
                                    value=host_offset + done) from exc
             if n == 0:  # past the end of the file: reads as zeros, as in QEMU
+                buf[done:] = bytes(want - done)
                 return
             done += n
 

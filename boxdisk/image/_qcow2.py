@@ -39,7 +39,7 @@ from boxdisk.format import (
     unpack_u64_table,
 )
 
-from ._base import Image
+from ._base import Image, data_extents, open_image_fd
 from ._compress import decompress_cluster, require_codec
 from ._runs import RawRun, Run, RunKind, coalesce
 
@@ -58,14 +58,6 @@ _SUBCLUSTERS = 32
 _ALL_ALLOC = 0xFFFF_FFFF
 _ALL_ZERO = 0xFFFF_FFFF << 32
 _DEFAULT_L2_CACHE = 16 * 1024 * 1024
-
-
-def _open_fd(path: str) -> int:
-    try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        msg = f"cannot open: {exc.strerror}"
-        raise ImageIOError(msg, path=path, field="path", value=path) from exc
 
 
 class Qcow2Image(Image):
@@ -98,8 +90,10 @@ class Qcow2Image(Image):
         image's refcounts may be stale while its L1/L2 tables are sound.
         """
         p = os.fspath(path)
+        fd, file_size = open_image_fd(p)
         self = cls.__new__(cls)
-        Image.__init__(self, p, _open_fd(p))
+        Image.__init__(self, p, fd)
+        self.file_size = file_size
         try:
             self._load(trust_refcounts, l2_cache_bytes)
         except BaseException:
@@ -110,7 +104,6 @@ class Qcow2Image(Image):
     def _load(self, trust_refcounts: bool, l2_cache_bytes: int) -> None:
         path, fd = self.path, self._fd
         try:
-            self.file_size = os.fstat(fd).st_size
             probe = os.pread(fd, MIN_HEADER_PROBE, 0)
             cs = cluster_size_of(probe, source=path)
             h = parse_header(os.pread(fd, cs, 0), source=path)
@@ -145,8 +138,10 @@ class Qcow2Image(Image):
         self._l2_entries = cs >> entry_bits
         self._l2_span = self._l2_entries << h.cluster_bits  # guest bytes per L2 table
         self._l2_cache: OrderedDict[int, array[int]] = OrderedDict()
-        self._l2_cache_max = max(4, l2_cache_bytes // cs)
+        self._l2_cache_max = 4
+        self.set_l2_cache_bytes(l2_cache_bytes)
         self._reftable: array[int] | None = None
+        self._metadata_preallocation: bool | None = None
         self._rb_cache: OrderedDict[int, list[int]] = OrderedDict()
         self._zcache: tuple[int, bytes] | None = None
 
@@ -238,23 +233,34 @@ class Qcow2Image(Image):
             cache.popitem(last=False)
         return table
 
+    def set_l2_cache_bytes(self, nbytes: int) -> None:
+        """Bound the L2 table cache to about ``nbytes`` (never fewer than 4 tables)."""
+        self._l2_cache_max = max(4, nbytes // self.cluster_size)
+        while len(self._l2_cache) > self._l2_cache_max:
+            self._l2_cache.popitem(last=False)
+
     # -- refcounts -----------------------------------------------------------
 
     def refcount(self, cluster_index: int) -> int:
         """The refcount of host cluster ``cluster_index`` (0 where no block covers it)."""
-        h, cs = self.header, self.cluster_size
-        per_block = cs * 8 >> h.refcount_order
+        per_block = self.cluster_size * 8 >> self.header.refcount_order
         rt_index, rb_index = divmod(cluster_index, per_block)
+        block = self._refcount_block(rt_index)
+        return 0 if block is None else block[rb_index]
+
+    def _refcount_block(self, rt_index: int) -> list[int] | None:
+        """Refcount block ``rt_index``, unpacked (a small LRU), or None where there is none."""
+        h, cs = self.header, self.cluster_size
         if self._reftable is None:
             self._reftable = unpack_u64_table(self._pread_exact(
                 h.refcount_table_offset, h.refcount_table_clusters * cs, "refcount table"))
         if rt_index >= len(self._reftable):
-            return 0
+            return None
         where = f"refcount table entry {rt_index}"
         block_offset = decode_refcount_table_entry(
             self._reftable[rt_index], cluster_size=cs, source=self.path, where=where)
         if block_offset == 0:
-            return 0
+            return None
         block = self._rb_cache.get(block_offset)
         if block is None:
             self._check_host_range(block_offset, block_offset + cs, where, "refcount block")
@@ -263,7 +269,56 @@ class Qcow2Image(Image):
             self._rb_cache[block_offset] = block
             if len(self._rb_cache) > 8:
                 self._rb_cache.popitem(last=False)
-        return block[rb_index]
+        return block
+
+    @property
+    def metadata_preallocation(self) -> bool:
+        """Whether QEMU would take this image for metadata-preallocated.
+
+        QEMU's heuristic (block/qcow2-refcount.c,
+        ``qcow2_detect_metadata_preallocation``): more clusters have a nonzero
+        refcount than the file system really allocates, by at least a ninth
+        (and two clusters). Then ``qemu-img map`` asks the file where its data
+        clusters are holes and reports those stretches as zero. A refcount
+        structure that cannot be read makes the answer False, as in QEMU.
+        Computed once, in time proportional to the file's clusters.
+        """
+        if self._metadata_preallocation is None:
+            self._metadata_preallocation = self._detect_metadata_preallocation()
+        return self._metadata_preallocation
+
+    def _detect_metadata_preallocation(self) -> bool:
+        cs = self.cluster_size
+        try:
+            real_allocation = os.fstat(self.fd).st_blocks * 512
+        except OSError:
+            return False
+        real_clusters = real_allocation // cs
+        threshold = max(real_clusters * 10 // 9, real_clusters + 2)
+        end_cluster = -(-self.file_size // cs)
+        per_block = cs * 8 >> self.header.refcount_order
+        referenced = 0
+        try:
+            for rt_index in range(-(-end_cluster // per_block)):
+                if referenced >= threshold:
+                    break
+                block = self._refcount_block(rt_index)
+                if block is None:
+                    continue
+                n = min(per_block, end_cluster - rt_index * per_block)
+                referenced += n - block[:n].count(0)
+        except CorruptImageError:
+            return False
+        return referenced >= threshold
+
+    def host_data_extents(self, host_offset: int,
+                          length: int) -> Iterator[tuple[bool, int, int]]:
+        """``(is_data, start, stop)`` of the host file over ``[host_offset, +length)``.
+
+        SEEK_DATA/SEEK_HOLE on the file; bytes past its end are a hole.
+        """
+        return data_extents(self.fd, self.path, host_offset, host_offset + length,
+                            self.file_size)
 
     # -- runs ----------------------------------------------------------------
 
