@@ -479,11 +479,13 @@ def _check_table(
     name: str, offset: int, nbytes: int, cluster_size: int, source: str, *, field: str
 ) -> None:
     """QEMU's validate_table_offset, plus: a non-empty table never starts in the header."""
+    # QEMU checks the offset of an empty table too (080: "Invalid snapshot table offset").
+    if offset % cluster_size or offset >= 1 << 63:
+        msg = (f"{name} offset 0x{offset:x} is not aligned to the {cluster_size}-byte "
+               f"cluster, or not below 2^63")
+        raise CorruptImageError(msg, path=source, field=field, value=offset)
     if nbytes == 0:
         return
-    if offset % cluster_size:
-        msg = f"{name} offset 0x{offset:x} is not aligned to the {cluster_size}-byte cluster"
-        raise CorruptImageError(msg, path=source, field=field, value=offset)
     if offset + nbytes > MAX_HOST_OFFSET:
         msg = f"{name} at 0x{offset:x} ({nbytes} bytes) reaches past 2^56"
         raise CorruptImageError(msg, path=source, field=field, value=offset)
