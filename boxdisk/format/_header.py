@@ -448,6 +448,9 @@ def _parse_backing_name(
 ) -> str | None:
     if offset == 0:
         return None
+    if offset >= cluster_size:  # QEMU: "Invalid backing file offset" (iotests 080)
+        msg = f"backing name offset {offset} lies past the first {cluster_size}-byte cluster"
+        raise CorruptImageError(msg, path=source, field="backing_file_offset", value=offset)
     limit = min(MAX_BACKING_FILE_NAME, cluster_size - offset) if offset < cluster_size else -1
     if size > limit:
         msg = (
