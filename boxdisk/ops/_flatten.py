@@ -4,11 +4,19 @@ Both walk the chain's runs (never every virtual cluster): stretches that no
 image allocates, or that read as zeros, are skipped without a read; the rest
 is read in windows of up to ``_WINDOW`` bytes, and within a window only the
 clusters that are not all zeros are written.
+
+Reading and writing overlap: the calling thread reads a window and plans its
+writes while one writer thread writes the previous windows (``_BUFFERS``
+windows in flight at most), and the kernel is asked to start writing each
+window out at once (:class:`Writeback`), so the final ``fsync`` is short.
+Memory is those buffers, the output's L1 table and one L2 table.
 """
 
 from __future__ import annotations
 
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -18,8 +26,8 @@ from boxdisk.chain import BackingChain
 from boxdisk.format import MAX_L1_BYTES, l1_entries_for
 from boxdisk.image import RunKind
 
-from ._output import atomic_output
-from ._sinks import QcowSink, RawSink
+from ._output import Writeback, atomic_output
+from ._sinks import QcowSink, RawSink, Write, pwrite_all
 
 __all__ = ["Progress", "convert", "flatten"]
 
@@ -28,6 +36,7 @@ log = get_logger(__name__)
 Progress = Callable[[int, int], None]
 
 _WINDOW = 4 * 1024 * 1024
+_BUFFERS = 3
 _FORMATS = ("qcow2", "raw")
 _DEFAULT_CLUSTER_SIZE = 65536
 
@@ -67,6 +76,84 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
+class _Writer:
+    """One thread that performs planned writes, handing each window's buffer back.
+
+    The caller takes a buffer with :meth:`buffer`, fills it, and passes it
+    with its writes to :meth:`submit`. When a buffer comes back, its writes
+    are done and the caller starts their writeback (so that work stays off
+    the writer thread, which is the busier one). The first write error stops
+    all further writes (buffers still come back, so the caller never waits
+    forever) and is raised by the next :meth:`buffer`, :meth:`submit` or
+    :meth:`finish`. :meth:`close` must run before the file descriptor is
+    closed.
+    """
+
+    def __init__(self, fd: int, writeback: Writeback, buffers: int, size: int) -> None:
+        self._fd, self._writeback = fd, writeback
+        self._jobs: queue.SimpleQueue[tuple[list[Write], bytearray | None] | None] = (
+            queue.SimpleQueue())
+        self._free: queue.SimpleQueue[tuple[bytearray, list[Write]]] = queue.SimpleQueue()
+        self._spare = buffers
+        self._size = size
+        self._error: BaseException | None = None
+        self._abort = False
+        self._thread = threading.Thread(target=self._run, name="boxdisk-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            writes, buf = job
+            if self._error is None and not self._abort:
+                try:
+                    for offset, data in writes:
+                        pwrite_all(self._fd, data, offset)
+                except BaseException as exc:
+                    self._error = exc
+            if buf is not None:
+                self._free.put((buf, writes))
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def buffer(self) -> bytearray:
+        """A window buffer (new while fewer than ``buffers`` exist, else a returned one)."""
+        self._raise()
+        if self._spare:
+            self._spare -= 1
+            return bytearray(self._size)
+        buf, done = self._free.get()
+        self._raise()
+        for offset, data in done:
+            self._writeback.wrote(offset, len(data))
+        return buf
+
+    def submit(self, writes: list[Write], buf: bytearray | None) -> None:
+        """Queue ``writes`` (views into ``buf``); ``buf`` comes back when they are done."""
+        self._raise()
+        self._jobs.put((writes, buf))
+
+    def close(self) -> None:
+        """Stop the thread: queued writes still run, unless the caller failed first."""
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()
+
+    def abort(self) -> None:
+        """Drop the writes still queued and stop the thread."""
+        self._abort = True
+        self.close()
+
+    def finish(self) -> None:
+        """Close, then raise the first write error, if any."""
+        self.close()
+        self._raise()
+
+
 def _copy(chain: BackingChain, dst: str, output_format: str, *, overwrite: bool,
           progress: Progress | None, cluster_size: int) -> int:
     for path in chain.paths:
@@ -80,20 +167,25 @@ def _copy(chain: BackingChain, dst: str, output_format: str, *, overwrite: bool,
             msg = (f"a {size}-byte disk needs a {l1_bytes}-byte L1 table with "
                    f"{cluster_size}-byte clusters, over QEMU's limit; use larger clusters")
             raise InvalidArgumentError(msg, path=dst, field="cluster_size", value=cluster_size)
-    with atomic_output(dst, overwrite=overwrite) as (fd, syncer):
+    with atomic_output(dst, overwrite=overwrite) as (fd, writeback):
         sink: QcowSink | RawSink
         if output_format == "qcow2":
             sink = QcowSink(fd, size, cluster_size.bit_length() - 1)
         else:
             sink = RawSink(fd, size, cluster_size)
-        for start, end in _data_windows(chain, cluster_size):
-            buf = bytearray(end - start)
-            chain.read_into(start, memoryview(buf))
-            sink.write(start, buf)
-            syncer.wrote(end - start)
-            if progress is not None:
-                progress(end, size)
-        sink.finish()
+        writer = _Writer(fd, writeback, _BUFFERS, _WINDOW)
+        try:
+            for start, end in _data_windows(chain, cluster_size):
+                buf = writer.buffer()
+                n = end - start
+                chain.read_into(start, memoryview(buf)[:n])
+                writer.submit(sink.plan(start, buf, n), buf)
+                if progress is not None:
+                    progress(end, size)
+            writer.submit(sink.finish(), None)
+            writer.finish()
+        finally:
+            writer.abort()
         if progress is not None:
             progress(size, size)
     return sink.data_bytes

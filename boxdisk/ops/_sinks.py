@@ -1,7 +1,10 @@
 """Where flatten and convert put clusters: a new standalone qcow2 v3, or a sparse raw file.
 
-Both take cluster-aligned chunks of guest bytes in increasing guest order and
-skip clusters that read as all zeros, so the output allocates only data.
+Both take cluster-aligned windows of guest bytes in increasing guest order and
+skip clusters that read as all zeros, so the output allocates only data. A
+sink only *plans*: :meth:`plan` returns the ``(file offset, bytes)`` writes for
+a window, so the caller may hand them to another thread while it reads the next
+window; :meth:`finish` returns the closing metadata writes.
 """
 
 from __future__ import annotations
@@ -17,22 +20,30 @@ from boxdisk.format import (
     validate_header,
 )
 
-__all__ = ["QcowSink", "RawSink", "nonzero_clusters"]
+__all__ = ["QcowSink", "RawSink", "Write", "nonzero_clusters", "pwrite_all"]
 
 _REFCOUNT_ORDER = 4  # 16-bit refcounts, QEMU's default
 
+#: One planned write: the file offset and the bytes (often a view into the window).
+Write = tuple[int, memoryview]
 
-def nonzero_clusters(buf: bytearray, cluster_size: int, zero: bytes) -> list[tuple[int, int]]:
-    """``(first, count)`` runs of clusters of ``buf`` that are not all zeros."""
+
+def nonzero_clusters(buf: bytearray, length: int, cluster_size: int,
+                     zero: bytes) -> list[tuple[int, int]]:
+    """``(start, length)`` runs of the clusters of ``buf[:length]`` that are not all zeros.
+
+    ``zero`` is ``cluster_size`` zero bytes. A cluster whose first or last byte
+    is set is data at once; the others are compared in place (``startswith``
+    compares without copying).
+    """
     out: list[tuple[int, int]] = []
-    n = len(buf)
     start = -1
-    for i in range(0, n, cluster_size):
-        end = min(i + cluster_size, n)
-        # Data rarely starts and ends with zero bytes: check those before comparing.
-        nonzero = buf[i] or buf[end - 1] or (
-            buf[i:end] != zero if end - i == cluster_size else buf.count(0, i, end) != end - i
-        )
+    for i in range(0, length, cluster_size):
+        end = min(i + cluster_size, length)
+        if end - i == cluster_size:
+            nonzero = buf[i] or buf[end - 1] or not buf.startswith(zero, i, end)
+        else:
+            nonzero = buf.count(0, i, end) != end - i
         if nonzero:
             if start < 0:
                 start = i
@@ -40,7 +51,7 @@ def nonzero_clusters(buf: bytearray, cluster_size: int, zero: bytes) -> list[tup
             out.append((start, i - start))
             start = -1
     if start >= 0:
-        out.append((start, n - start))
+        out.append((start, length - start))
     return out
 
 
@@ -53,15 +64,18 @@ class RawSink:
         self.data_bytes = 0
         os.ftruncate(fd, size)
 
-    def write(self, guest_offset: int, buf: bytearray) -> None:
-        """Write the non-zero clusters of ``buf`` at ``guest_offset``."""
+    def plan(self, guest_offset: int, buf: bytearray, length: int) -> list[Write]:
+        """The writes of the non-zero clusters of ``buf[:length]`` (at ``guest_offset``)."""
         view = memoryview(buf)
-        for start, length in nonzero_clusters(buf, self.cluster_size, self._zero):
-            _pwrite_all(self.fd, view[start : start + length], guest_offset + start)
-            self.data_bytes += length
+        writes = []
+        for start, n in nonzero_clusters(buf, length, self.cluster_size, self._zero):
+            writes.append((guest_offset + start, view[start : start + n]))
+            self.data_bytes += n
+        return writes
 
-    def finish(self) -> None:
+    def finish(self) -> list[Write]:
         """Nothing to add: the file already has its size."""
+        return []
 
 
 class QcowSink:
@@ -80,59 +94,60 @@ class QcowSink:
         self.cluster_size = cs = 1 << cluster_bits
         self._zero = bytes(cs)
         self._l2_entries = cs // 8
-        self._l2_span = self._l2_entries * cs
         self._l1 = array("Q", bytes(8 * l1_entries_for(size, cluster_bits)))
         self._l2: array[int] | None = None
         self._l2_index = -1
         self._next = cs  # cluster 0 is the header
         self.data_bytes = 0
 
-    def _switch_l2(self, l1_index: int) -> array[int]:
-        if self._l2 is not None:
-            self._flush_l2()
-        self._l2 = array("Q", bytes(self.cluster_size))
-        self._l2_index = l1_index
-        return self._l2
-
-    def _flush_l2(self) -> None:
-        if self._l2 is None:
-            return
-        _pwrite_all(self.fd, memoryview(pack_u64_table(self._l2)), self._next)
-        self._l1[self._l2_index] = self._next | QCOW_OFLAG_COPIED
+    def _take_l2(self) -> list[Write]:
+        """Append the current L2 table (if any) and point the L1 table at it."""
+        table = self._l2
+        if table is None:
+            return []
+        offset = self._next
+        self._l1[self._l2_index] = offset | QCOW_OFLAG_COPIED
         self._next += self.cluster_size
         self._l2 = None
+        return [(offset, memoryview(pack_u64_table(table)))]
 
-    def write(self, guest_offset: int, buf: bytearray) -> None:
-        """Append the non-zero clusters of ``buf`` (guest-cluster-aligned) and map them."""
+    def plan(self, guest_offset: int, buf: bytearray, length: int) -> list[Write]:
+        """Place the non-zero clusters of ``buf[:length]`` (guest-cluster-aligned)."""
         cs, cb = self.cluster_size, self.cluster_bits
         view = memoryview(buf)
-        for start, length in nonzero_clusters(buf, cs, self._zero):
-            # Pad a short last cluster (virtual size not a cluster multiple).
-            chunk: memoryview | bytes = view[start : start + length]
-            if length % cs:
-                chunk = bytes(chunk) + bytes(cs - length % cs)
+        writes: list[Write] = []
+        per_l2 = self._l2_entries
+        for start, n in nonzero_clusters(buf, length, cs, self._zero):
+            chunk = view[start : start + n]
+            if n % cs:  # a short last cluster (virtual size not a cluster multiple)
+                chunk = memoryview(bytes(chunk) + bytes(cs - n % cs))
             host = self._next
-            _pwrite_all(self.fd, memoryview(chunk), host)
-            self.data_bytes += length
+            writes.append((host, chunk))
+            self.data_bytes += n
             self._next += len(chunk)
-            g = guest_offset + start
-            for k in range(len(chunk) >> cb):
-                cluster = (g >> cb) + k
-                l1_index, l2_index = divmod(cluster, self._l2_entries)
+            cluster, count = (guest_offset + start) >> cb, len(chunk) >> cb
+            entry = host | QCOW_OFLAG_COPIED
+            while count:  # one slice assignment per L2 table touched
+                l1_index, l2_index = divmod(cluster, per_l2)
                 l2 = self._l2
                 if l1_index != self._l2_index or l2 is None:
-                    l2 = self._switch_l2(l1_index)
-                l2[l2_index] = (host + (k << cb)) | QCOW_OFLAG_COPIED
+                    writes += self._take_l2()
+                    l2 = self._l2 = array("Q", bytes(cs))
+                    self._l2_index = l1_index
+                k = min(count, per_l2 - l2_index)
+                l2[l2_index : l2_index + k] = array("Q", range(entry, entry + (k << cb), cs))
+                cluster, count, entry = cluster + k, count - k, entry + (k << cb)
+        return writes
 
-    def finish(self) -> None:
-        """Write the last L2 table, the L1 table, the refcounts and the header."""
-        self._flush_l2()
+    def finish(self) -> list[Write]:
+        """The last L2 table, the L1 table, the refcounts and the header, as writes."""
+        writes = self._take_l2()
         cs = self.cluster_size
         l1_offset = self._next
         l1_bytes = len(self._l1) * 8
         l1_clusters = -(-l1_bytes // cs)
         if l1_bytes:
-            _pwrite_all(self.fd, memoryview(pack_u64_table(self._l1)), l1_offset)
+            writes.append((l1_offset, memoryview(pack_u64_table(self._l1))))
         used = l1_offset // cs + l1_clusters
         per_block = cs * 8 >> _REFCOUNT_ORDER
         rt_clusters, rb_count = 1, 1
@@ -147,14 +162,13 @@ class QcowSink:
         rb_offset = rt_offset + rt_clusters * cs
         reftable = array("Q", (rb_offset + i * cs for i in range(rb_count)))
         table = pack_u64_table(reftable)
-        _pwrite_all(self.fd, memoryview(table + bytes(rt_clusters * cs - len(table))),
-                    rt_offset)
+        writes.append((rt_offset, memoryview(table + bytes(rt_clusters * cs - len(table)))))
         one = b"\0\1"  # a 16-bit refcount of 1
         remaining = total
         for i in range(rb_count):
             count = min(remaining, per_block)
             block = one * count + bytes(cs - 2 * count)
-            _pwrite_all(self.fd, memoryview(block), rb_offset + i * cs)
+            writes.append((rb_offset + i * cs, memoryview(block)))
             remaining -= count
         header = Qcow2Header(
             cluster_bits=self.cluster_bits,
@@ -167,11 +181,13 @@ class QcowSink:
         )
         validate_header(header, source="<flatten output>")
         head = header.pack()
-        _pwrite_all(self.fd, memoryview(head + bytes(cs - len(head))), 0)
+        writes.append((0, memoryview(head + bytes(cs - len(head)))))
+        return writes
 
 
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
-    while len(view):
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (pwrite may write less than asked)."""
+    while len(data):
+        n = os.pwrite(fd, data, offset)
+        data = data[n:]
         offset += n
