@@ -17,9 +17,10 @@ from boxdisk.format import COMPRESSION_ZLIB, COMPRESSION_ZSTD
 
 __all__ = ["decompress_cluster", "require_codec"]
 
-#: QEMU compresses with a 4 KiB window and inflates with the same (windowBits -12),
-#: so a stream that refers further back is an I/O error in QEMU and corrupt here.
-_ZLIB_WBITS = -12
+#: QEMU writes raw deflate with windowBits -12 but inflates a whole cluster in one
+#: call into the cluster buffer, so any distance back into the bytes inflated so far
+#: works there; -15 (deflate's largest window) accepts exactly those streams here.
+_ZLIB_WBITS = -15
 #: zstd input is fed in steps this large so that no step can inflate to more
 #: than a few MiB, however hostile the stream.
 _ZSTD_STEP = 512

@@ -6,13 +6,22 @@ must raise a BoxdiskError subclass that names the file and the entry.
 
 from __future__ import annotations
 
+import os
+import random
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
 import pytest
 
-from boxdisk._errors import BoxdiskError, CorruptImageError, UnsupportedFeatureError
+from boxdisk._errors import (
+    BoxdiskError,
+    CorruptImageError,
+    ImageIOError,
+    UnsupportedFeatureError,
+)
 from boxdisk.format import (
     INCOMPAT_CORRUPT,
     INCOMPAT_DATA_FILE,
@@ -253,3 +262,198 @@ def test_not_qcow2(tmp_path: Path) -> None:
     p.write_bytes(b"\0" * 4096)
     with pytest.raises(BoxdiskError, match="not a qcow2"):
         Qcow2Image.open(p)
+
+
+# -- QEMU's own acceptance rules for compressed clusters ---------------------------
+
+
+def _qemu_reads(qemu, path: Path, offset: int, length: int, pattern: int) -> bool:
+    """Whether QEMU reads ``length`` bytes of ``pattern`` at ``offset`` (False: an error)."""
+    proc = qemu.io("-f", "qcow2", "-c", f"read -P {pattern} {offset} {length}", path,
+                   check=False)
+    out = proc.stdout + proc.stderr
+    return proc.returncode == 0 and "error" not in out.lower() and "fail" not in out.lower()
+
+
+def _qemu_read_fails(qemu, path: Path, offset: int, length: int) -> bool:
+    """Whether QEMU's read of the range fails with an I/O error (not a pattern mismatch)."""
+    proc = qemu.io("-f", "qcow2", "-c", f"read {offset} {length}", path, check=False)
+    return "read failed" in proc.stdout + proc.stderr
+
+
+def _poke_compressed(img: Img, payload: bytes) -> None:
+    img.poke(img.data_offset, payload + bytes(-len(payload) % 512))
+    img.poke_u64(img.l2_offset, _compressed_word(img.data_offset, -(-len(payload) // 512)))
+
+
+def test_zlib_with_a_32k_window_reads_as_in_qemu(qemu, img: Img) -> None:
+    """QEMU declares a 4 KiB window but inflates a cluster in one call, so references
+    further back (here 5000 bytes) still resolve; boxdisk must read them too."""
+    block = random.Random(1).randbytes(5000)
+    data = (block * 14)[:CS]
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    _poke_compressed(img, c.compress(data) + c.flush())
+    assert not _qemu_read_fails(qemu, img.path, 0, CS)
+    assert img.read_all()[:CS] == data
+    assert qemu.read_raw(img.path, img.path.parent)[:CS] == data
+
+
+def test_zlib_reference_before_the_cluster_fails_in_qemu_and_here(qemu, img: Img) -> None:
+    """A distance reaching before the cluster's first byte: "too far back" in both."""
+    # A fixed-Huffman block: literal 'A', then a match of length 3 at distance 2.
+    bits = [(1, 1), (1, 2)]  # BFINAL=1, then BTYPE=01 (fixed Huffman)
+    def code(value: int, length: int) -> None:  # Huffman codes go MSB first
+        bits.append((int(f"{value:0{length}b}"[::-1], 2), length))
+    code(0x30 + ord("A"), 8)  # literal 'A' (0x30 + 65)
+    code(0b0000001, 7)  # length code 257: length 3
+    code(0b00001, 5)  # distance code 1: distance 2
+    code(0, 7)  # end of block
+    acc = n = 0
+    for value, length in bits:
+        acc |= value << n
+        n += length
+    payload = acc.to_bytes(-(-n // 8), "little")
+    _poke_compressed(img, payload)
+    assert _qemu_read_fails(qemu, img.path, 0, 512)
+    _expect(img, "too far back")
+
+
+def test_zlib_with_a_4k_window_matches_qemu(qemu, img: Img) -> None:
+    c = zlib.compressobj(9, zlib.DEFLATED, -12)
+    _poke_compressed(img, c.compress(b"\x3c" * CS) + c.flush())
+    assert _qemu_reads(qemu, img.path, 0, CS, 0x3C)
+    assert img.read_all()[:CS] == b"\x3c" * CS
+
+
+def test_zlib_longer_than_a_cluster_is_refused(qemu, img: Img) -> None:
+    """The one deliberate difference from QEMU: QEMU cuts such a stream at the
+    cluster's end and reads on; boxdisk refuses it, since a descriptor holds
+    exactly one cluster (qcow2.txt) and a longer stream means a broken image."""
+    c = zlib.compressobj(9, zlib.DEFLATED, -12)
+    _poke_compressed(img, c.compress(b"\x3c" * (CS + 512)) + c.flush())
+    assert _qemu_reads(qemu, img.path, 0, CS, 0x3C)
+    _expect(img, "inflates to more than")
+
+
+def _zstd_image(qemu, tmp_path: Path) -> Img:
+    zstd = pytest.importorskip("zstandard")
+    del zstd
+    return Img(qemu, tmp_path, "-o", "compression_type=zstd")
+
+
+def test_zstd_cluster_of_several_frames_reads_as_qemu_reads_it(qemu, tmp_path: Path) -> None:
+    import zstandard  # noqa: PLC0415
+
+    img = _zstd_image(qemu, tmp_path)
+    c = zstandard.ZstdCompressor()
+    payload = c.compress(b"\x11" * 1000) + c.compress(b"\x22" * (CS - 1000))
+    _poke_compressed(img, payload)
+    assert _qemu_reads(qemu, img.path, 0, 1000, 0x11)
+    assert _qemu_reads(qemu, img.path, 1000, CS - 1000, 0x22)
+    assert img.read_all()[:CS] == b"\x11" * 1000 + b"\x22" * (CS - 1000)
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda c: c.compress(b"\x11" * (CS + 1)), "more than"),
+        (lambda c: c.compress(b"\x11" * 100) + bytes(200), "Unknown frame"),
+        (lambda c: c.compress(b"\x11" * CS)[:-8], "cut short|unfinished|decompress"),
+    ],
+    ids=["too-long", "short-then-garbage", "truncated"],
+)
+def test_zstd_bad_clusters_fail_in_qemu_and_here(qemu, tmp_path: Path, make, match) -> None:
+    import zstandard  # noqa: PLC0415
+
+    img = _zstd_image(qemu, tmp_path)
+    _poke_compressed(img, make(zstandard.ZstdCompressor()))
+    assert _qemu_read_fails(qemu, img.path, 0, 512)
+    _expect(img, match)
+
+
+def test_compressed_offset_past_2_56(qemu, tmp_path: Path) -> None:
+    """With 512-byte clusters a compressed descriptor can hold offsets >= 2^56."""
+    img = Img(qemu, tmp_path, "-o", "cluster_size=512")
+    shift, _, _ = compressed_geometry(9)
+    buf = img.path.read_bytes()
+    l1 = struct.unpack_from(">Q", buf, 40)[0]
+    l2 = struct.unpack_from(">Q", buf, l1)[0] & ~QCOW_OFLAG_COPIED
+    img.poke_u64(l2, QCOW_OFLAG_COMPRESSED | (1 << 57))
+    with pytest.raises(CorruptImageError, match="2\\^56") as info, \
+            Qcow2Image.open(img.path) as q:
+        q.read(0, 512)
+    assert info.value.field == "L2 entry 0/0"
+    assert shift > 57
+
+
+def test_l1_entry_with_only_copied_reads_as_unallocated(qemu, img: Img) -> None:
+    """An L1 entry whose offset is 0 is unallocated in QEMU, whatever its COPIED bit."""
+    img.poke_u64(img.l1_offset, QCOW_OFLAG_COPIED)
+    assert _qemu_reads(qemu, img.path, 0, 3 * CS, 0)
+    assert img.read_all() == bytes(1 << 20)
+
+
+def test_l1_table_in_the_header_is_refused(img: Img) -> None:
+    img.poke_u64(40, 0)  # l1_table_offset
+    with pytest.raises(CorruptImageError) as info:
+        Qcow2Image.open(img.path)
+    assert info.value.field == "l1_table_offset"
+    assert info.value.path == str(img.path)
+
+
+def test_l2_table_at_offset_zero_with_reserved_flags(img: Img) -> None:
+    img.poke_u64(img.l1_offset, QCOW_OFLAG_COPIED | (1 << 60))
+    err = _expect(img, "L1 entry 0: reserved bits")
+    assert err.field == "L1 entry 0"
+
+
+def test_every_cluster_pointing_at_one_host_cluster_reads_in_bounded_memory(img: Img) -> None:
+    """A hostile L2 table may map every guest cluster to the same host cluster: reading
+    it is legal and costs nothing per cluster beyond the read itself."""
+    words = struct.pack(">Q", img.data_offset | QCOW_OFLAG_COPIED) * 16
+    img.poke(img.l2_offset, words)
+    with Qcow2Image.open(img.path) as q:
+        assert q.read(0, 16 * CS) == b"\xaa" * 16 * CS
+        runs = list(q.runs(0, 16 * CS))
+    assert [r.host_offset for r in runs] == [img.data_offset] * 16
+
+
+# -- files that are not images -------------------------------------------------------
+
+
+def test_directory_is_not_an_image(tmp_path: Path) -> None:
+    with pytest.raises(ImageIOError, match="directory") as info:
+        Qcow2Image.open(tmp_path)
+    assert info.value.path == str(tmp_path)
+    with pytest.raises(ImageIOError, match="directory"):
+        RawImage.open(tmp_path)
+
+
+def test_character_device_is_not_an_image() -> None:
+    with pytest.raises(ImageIOError, match="special file"):
+        RawImage.open("/dev/zero")
+
+
+def test_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    """Opening a FIFO for reading blocks until a writer comes; boxdisk must not wait."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    code = ("import sys\nfrom boxdisk.image import RawImage\n"
+            "from boxdisk._errors import ImageIOError\n"
+            "try:\n    RawImage.open(sys.argv[1])\nexcept ImageIOError as e:\n"
+            "    print(type(e).__name__, e.field)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(fifo)], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.stdout.split() == ["ImageIOError", "path"], proc.stderr
+
+
+# -- metadata preallocation (QEMU's heuristic for map) ------------------------------
+
+
+def test_metadata_preallocation_is_detected_as_qemu_does(qemu, tmp_path: Path) -> None:
+    pre = tmp_path / "pre.qcow2"
+    qemu.img("create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", pre, "4M")
+    with Qcow2Image.open(pre) as q:
+        assert q.metadata_preallocation
+    with Qcow2Image.open(Img(qemu, tmp_path).path) as q:
+        assert not q.metadata_preallocation
