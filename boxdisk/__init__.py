@@ -17,6 +17,8 @@ from ._errors import (
     NotQcow2Error,
     UnsupportedFeatureError,
 )
+from ._locks import image_in_use
+from .ops import CompareResult, commit, compare, rebase, resize
 from .qcow2 import (
     DEFAULT_CLUSTER_SIZE,
     DEFAULT_DISK_SIZE,
@@ -42,6 +44,7 @@ __all__ = [
     "BackingChainError",
     "BackingFormat",
     "BoxdiskError",
+    "CompareResult",
     "CorruptImageError",
     "Disk",
     "DiskExistsError",
@@ -54,12 +57,17 @@ __all__ = [
     "UnsupportedFeatureError",
     "__version__",
     "clone_disk_pair",
+    "commit",
+    "compare",
     "create_cow_child_disk",
     "create_disk",
+    "image_in_use",
     "is_backing_dependency",
     "qcow2_virtual_size",
     "read_backing_chain",
     "read_backing_file_path",
     "read_header",
+    "rebase",
+    "resize",
     "set_backing_file_path",
 ]

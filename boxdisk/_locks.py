@@ -1,19 +1,29 @@
 """QEMU's image locks: OFD byte-range locks on the image file itself.
 
-QEMU (block/file-posix.c, ``raw_apply_lock_bytes``) takes a shared lock on
-byte ``100 + n`` for each permission ``n`` it holds and on byte ``200 + n``
-for each permission it does not share with others. Permission bits:
-0 consistent read, 1 write, 2 write unchanged, 3 resize. A process that
-wants permission ``n`` conflicts with anyone holding ``200 + n``; one that
-does not share ``n`` conflicts with anyone holding ``100 + n``.
+QEMU (block/file-posix.c, ``raw_apply_lock_bytes`` / ``raw_check_lock_bytes``)
+takes a shared lock on byte ``100 + n`` for each permission ``n`` it holds and
+on byte ``200 + n`` for each permission it does not share with others.
+Permission bits (QEMU's ``BLK_PERM_*``): 0 consistent read, 1 write, 2 write
+unchanged, 3 resize. A process that wants permission ``n`` conflicts with
+anyone holding byte ``200 + n``; one that does not share ``n`` conflicts with
+anyone holding ``100 + n``. A conflict is tested by asking (``F_OFD_GETLK``)
+whether an exclusive lock on the byte could be had.
 
-boxdisk uses the same bytes, so QEMU and boxdisk see each other's locks:
-an image boxdisk writes is refused by ``qemu-img info`` without ``-U``, and
-boxdisk refuses to write or destroy an image a running QEMU holds.
+As QEMU does, a writer first applies its own lock bytes and only then checks
+for conflicts, so two writers racing for one image both see each other and at
+least one of them gives up; neither can slip past the other.
+
+boxdisk uses the same bytes, so QEMU and boxdisk see each other's locks: an
+image boxdisk writes is refused by ``qemu-img info`` without ``-U``, and
+boxdisk refuses to write or destroy an image a running QEMU holds. OFD locks
+belong to the open file description: they are released when the writer closes
+its descriptor, and closing another descriptor of the same file in the same
+process does not drop them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -21,8 +31,15 @@ import struct
 
 from ._errors import DiskInUseError, ImageIOError
 
-__all__ = ["PERM_CONSISTENT_READ", "PERM_RESIZE", "PERM_WRITE", "PERM_WRITE_UNCHANGED",
-           "image_in_use", "lock_for_write"]
+__all__ = [
+    "PERM_CONSISTENT_READ",
+    "PERM_RESIZE",
+    "PERM_WRITE",
+    "PERM_WRITE_UNCHANGED",
+    "ensure_not_in_use",
+    "image_in_use",
+    "lock_for_write",
+]
 
 PERM_CONSISTENT_READ = 0
 PERM_WRITE = 1
@@ -33,67 +50,98 @@ _SHARED_BASE = 200
 _ALL_PERMS = (PERM_CONSISTENT_READ, PERM_WRITE, PERM_WRITE_UNCHANGED, PERM_RESIZE)
 _PERM_NAMES = {0: "consistent read", 1: "write", 2: "write unchanged", 3: "resize"}
 
+#: What a boxdisk writer holds: every permission (a qcow2 writer grows its file).
+_WRITER_PERMS = _ALL_PERMS
+#: What it does not share: nobody else may write or resize the image meanwhile.
+_WRITER_UNSHARED = (PERM_WRITE, PERM_RESIZE)
+
 # struct flock: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid
+# (native alignment puts the padding where the C compiler does).
 _FLOCK = struct.Struct("hhqqi4x")
 
 
 def _ofd(fd: int, cmd: int, lock_type: int, start: int, length: int = 1) -> int:
-    """One F_OFD_* call; returns the lock type that F_OFD_GETLK found (F_UNLCK if none)."""
+    """One F_OFD_* call; returns the lock type F_OFD_GETLK found (F_UNLCK if none)."""
     arg = _FLOCK.pack(lock_type, os.SEEK_SET, start, length, 0)
     out = fcntl.fcntl(fd, cmd, arg)
     return int(_FLOCK.unpack(out)[0])
 
 
 def _held_by_other(fd: int, byte: int) -> bool:
-    # A write-lock probe conflicts with any read lock another open file holds.
+    # An exclusive-lock probe conflicts with a shared lock any other open file holds.
     return _ofd(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, byte) != fcntl.F_UNLCK
 
 
 def lock_for_write(fd: int, path: str) -> None:
-    """Take QEMU's locks for a writer on ``fd`` (held until the fd is closed).
+    """Take QEMU's locks for a writer on ``fd`` (held until the descriptor is closed).
 
     Holds consistent read, write, write unchanged and resize; shares
-    consistent read and write unchanged. Raises :class:`DiskInUseError` when
-    another process (a QEMU) holds a conflicting lock.
+    consistent read and write unchanged (QEMU's permissions for a qcow2 image
+    opened read-write). Raises :class:`DiskInUseError` naming the permission
+    when another process (a QEMU, another writer) holds a conflicting lock;
+    the locks taken so far are then released.
     """
-    wanted = _ALL_PERMS
-    unshared = (PERM_WRITE, PERM_RESIZE)
     try:
-        for perm in wanted:
-            if _held_by_other(fd, _SHARED_BASE + perm):
-                msg = f"another process does not share the {_PERM_NAMES[perm]} permission"
-                raise DiskInUseError(msg, path=path, field="lock", value=_SHARED_BASE + perm)
-        for perm in unshared:
-            if _held_by_other(fd, _PERM_BASE + perm):
-                msg = f"another process holds the {_PERM_NAMES[perm]} permission (a running QEMU?)"
-                raise DiskInUseError(msg, path=path, field="lock", value=_PERM_BASE + perm)
-        for perm in wanted:
+        for perm in _WRITER_PERMS:
             _ofd(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, _PERM_BASE + perm)
-        for perm in unshared:
+        for perm in _WRITER_UNSHARED:
             _ofd(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, _SHARED_BASE + perm)
+        conflict = _conflict(fd)
     except OSError as exc:
+        _unlock_all(fd)
         if exc.errno in (errno.EAGAIN, errno.EACCES):
             msg = "image is locked by another process"
             raise DiskInUseError(msg, path=path, field="lock") from None
         msg = f"cannot lock image: {exc.strerror}"
-        raise ImageIOError(msg, path=path) from None
+        raise ImageIOError(msg, path=path, field="lock") from None
+    if conflict is not None:
+        _unlock_all(fd)
+        msg, byte = conflict
+        raise DiskInUseError(msg, path=path, field="lock", value=byte)
+
+
+def _conflict(fd: int) -> tuple[str, int] | None:
+    """QEMU's raw_check_lock_bytes for a writer: the first conflicting lock, if any."""
+    for perm in _WRITER_PERMS:
+        if _held_by_other(fd, _SHARED_BASE + perm):
+            return (f"another process does not share the {_PERM_NAMES[perm]} permission "
+                    f"(a running QEMU?)", _SHARED_BASE + perm)
+    for perm in _WRITER_UNSHARED:
+        if _held_by_other(fd, _PERM_BASE + perm):
+            return (f"another process holds the {_PERM_NAMES[perm]} permission "
+                    f"(a running QEMU?)", _PERM_BASE + perm)
+    return None
+
+
+def _unlock_all(fd: int) -> None:
+    # The descriptor is about to be closed, which releases the locks anyway.
+    with contextlib.suppress(OSError):
+        _ofd(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, _PERM_BASE, _SHARED_BASE + 100 - _PERM_BASE)
 
 
 def image_in_use(path: str | os.PathLike[str]) -> bool:
-    """Whether any other open file (a running QEMU, a boxdisk writer) holds QEMU's lock bytes."""
+    """Whether another open file (a running QEMU, a boxdisk writer) holds QEMU's lock bytes.
+
+    Any of bytes 100-103 or 200-203 held counts: a VM reading a base image
+    read-only holds 100 and 201, and that base must not be rewritten either.
+    A missing file is not in use.
+    """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
     except OSError as exc:
         msg = f"cannot open image to probe its locks: {exc.strerror}"
-        raise ImageIOError(msg, path=path) from None
+        raise ImageIOError(msg, path=path, field="lock") from None
     try:
         return any(
             _held_by_other(fd, base + perm)
             for base in (_PERM_BASE, _SHARED_BASE)
             for perm in _ALL_PERMS
         )
+    except OSError as exc:
+        msg = f"cannot probe the image's locks: {exc.strerror}"
+        raise ImageIOError(msg, path=path, field="lock") from None
     finally:
         os.close(fd)
 

@@ -25,6 +25,8 @@ from boxdisk._errors import (
 )
 from boxdisk._log import get_logger
 from boxdisk.image import Image, Qcow2Image, RawImage, Run, RunKind
+from boxdisk.image._qcow2_write import open_writable
+from boxdisk.image._write import WritableImage
 
 __all__ = ["DEFAULT_MAX_DEPTH", "BackingChain", "Extent", "open_chain"]
 
@@ -180,6 +182,7 @@ class BackingChain:
         backing_format: str | None = None,
         max_depth: int = DEFAULT_MAX_DEPTH,
         allowed_roots: Iterable[str | os.PathLike[str]] | None = None,
+        writable: bool = False,
     ) -> Self:
         """Open ``top`` (``format``, default qcow2) and every backing file under it.
 
@@ -189,6 +192,8 @@ class BackingChain:
         number of images, the top included. ``allowed_roots``, when given,
         confines every backing file (after resolving symlinks) to those
         directories; the top itself is the caller's choice and is not checked.
+        ``writable=True`` opens the top read-write, taking QEMU's write locks
+        (:meth:`write`, :meth:`write_zeroes`, :meth:`discard`, :meth:`flush`).
         """
         if max_depth < 1:
             msg = f"max_depth must be at least 1, not {max_depth}"
@@ -200,7 +205,8 @@ class BackingChain:
         names: list[str] = []
         seen: set[tuple[int, int]] = set()
         try:
-            img = _open_image(path, format or "qcow2")
+            img = (open_writable(path, format or "qcow2") if writable
+                   else _open_image(path, format or "qcow2"))
             while True:
                 _check_new(img, path, seen, names)
                 images.append(img)
@@ -216,7 +222,11 @@ class BackingChain:
                 opened.close()
             raise
         log.debug("chain_opened", top=names[0], depth=len(names))
-        return cls(images)
+        chain = cls(images)
+        if writable and len(images) > 1:
+            below = BackingChain(images[1:])  # a view: ``chain`` owns the images
+            chain._writer().attach_below(below.read, below.size)
+        return chain
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -262,6 +272,31 @@ class BackingChain:
     def top(self) -> Image:
         """The top image."""
         return self._images[0]
+
+    # -- writing (a chain opened with writable=True) -------------------------
+
+    def _writer(self) -> WritableImage:
+        top = self._images[0]
+        if self._closed or not isinstance(top, WritableImage):
+            msg = "backing chain is closed" if self._closed else "chain is not open for writing"
+            raise InvalidArgumentError(msg, path=top.path, field="writable")
+        return top
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write guest bytes into the top image (partial clusters copy up from below)."""
+        self._writer().write(offset, data)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make a range read as zeros (qcow2 v3: the zero flag on whole clusters)."""
+        self._writer().write_zeroes(offset, length)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Drop the whole clusters in a range from the top image, as a guest's discard."""
+        self._writer().discard(offset, length)
+
+    def flush(self) -> None:
+        """Make every write so far durable."""
+        self._writer().flush()
 
     # -- where bytes live ----------------------------------------------------
 
@@ -388,7 +423,9 @@ def open_chain(
     backing_format: str | None = None,
     max_depth: int = DEFAULT_MAX_DEPTH,
     allowed_roots: Iterable[str | os.PathLike[str]] | None = None,
+    writable: bool = False,
 ) -> BackingChain:
     """Open a backing chain (see :meth:`BackingChain.open`)."""
     return BackingChain.open(top, format=format, backing_format=backing_format,
-                             max_depth=max_depth, allowed_roots=allowed_roots)
+                             max_depth=max_depth, allowed_roots=allowed_roots,
+                             writable=writable)

@@ -1,16 +1,20 @@
 """``compare``: do two disks (chains or raw files) show the guest the same bytes?
 
-Only stretches where either side holds data are read; everything else reads
-as zeros on both sides. As ``qemu-img compare`` does, a size difference is not
-a mismatch by itself: the larger disk's extra part must read as zeros. The
-reported offset is QEMU's: the first differing 512-byte sector.
+As ``qemu-img compare`` (non-strict): only stretches where either side holds
+data are read — everything else reads as zeros on both sides — and a size
+difference is not a mismatch by itself: the larger disk's extra part must read
+as zeros. qemu-img reports the start of the first differing 512-byte sector:
+it compares chunks that begin on block-status boundaries (whole sectors, as
+every image length is a whole number of sectors to QEMU) sector by sector
+(``compare_buffers``, ``check_empty_sectors``). That is the first differing
+byte rounded down to 512, which is what :attr:`CompareResult.offset` holds.
 """
 
 from __future__ import annotations
 
 import heapq
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import attrs
 
@@ -18,21 +22,22 @@ from boxdisk._log import get_logger
 from boxdisk.chain import BackingChain, open_chain
 from boxdisk.image import RunKind
 
-__all__ = ["CompareResult", "compare", "data_intervals", "guess_format"]
+__all__ = ["CompareResult", "compare", "data_intervals"]
 
 log = get_logger(__name__)
 
 _CHUNK = 4 << 20
 _SECTOR = 512
-_RAW_SUFFIXES = (".raw", ".img", ".ext4", ".bin", ".iso")
 
 
 @attrs.define(frozen=True)
 class CompareResult:
-    """Whether two disks read the same; where they first differ.
+    """Whether two disks read the same, and where they first differ.
 
     ``offset`` is the start of the first differing 512-byte sector (what
-    ``qemu-img compare`` prints); ``byte_offset`` the first differing byte.
+    ``qemu-img compare`` prints), ``byte_offset`` the first differing byte;
+    both are None when ``identical``. ``size_a`` and ``size_b`` are the two
+    virtual sizes (they may differ while the disks are identical).
     """
 
     identical: bool
@@ -42,19 +47,10 @@ class CompareResult:
     size_b: int = 0
 
 
-def guess_format(path: str | os.PathLike[str]) -> str:
-    """The format a top image is opened as when the caller names none: by file name only.
-
-    ``*.raw``, ``*.img``, ``*.ext4``, ``*.bin`` and ``*.iso`` are raw, all else qcow2;
-    file contents are never probed.
-    """
-    return "raw" if os.fspath(path).lower().endswith(_RAW_SUFFIXES) else "qcow2"
-
-
 def data_intervals(chain: BackingChain) -> Iterator[tuple[int, int]]:
     """Merged ``(start, end)`` stretches where the chain may read non-zero bytes."""
     cur_start = cur_end = -1
-    for _, run in chain.runs(precise=False):
+    for _, run in chain.runs(precise=True):
         if run.kind is not RunKind.DATA and run.kind is not RunKind.COMPRESSED:
             continue
         if run.start == cur_end:
@@ -68,9 +64,8 @@ def data_intervals(chain: BackingChain) -> Iterator[tuple[int, int]]:
 
 
 def _union(a: Iterator[tuple[int, int]], b: Iterator[tuple[int, int]]) -> Iterator[tuple[int, int]]:
-    merged = heapq.merge(a, b)  # both are sorted: stream, never hold them all
     cur_start = cur_end = -1
-    for start, end in merged:
+    for start, end in heapq.merge(a, b):  # both sorted: streamed, never held whole
         if start <= cur_end:
             cur_end = max(cur_end, end)
             continue
@@ -81,16 +76,19 @@ def _union(a: Iterator[tuple[int, int]], b: Iterator[tuple[int, int]]) -> Iterat
         yield cur_start, cur_end
 
 
-def _read(chain: BackingChain, offset: int, length: int) -> bytes:
-    """Bytes of ``chain`` at ``offset``; zeros past its end."""
-    end = min(offset + length, chain.size)
-    data = chain.read(offset, end - offset) if end > offset else b""
-    return data + bytes(length - len(data))
+def _read(chain: BackingChain, offset: int, view: memoryview) -> None:
+    """Fill ``view`` with the chain's bytes at ``offset``; zeros past its end."""
+    n = len(view)
+    inside = max(0, min(n, chain.size - offset))
+    if inside:
+        chain.read_into(offset, view[:inside])
+    if inside < n:
+        view[inside:] = bytes(n - inside)
 
 
-def _first_difference(x: bytes, y: bytes) -> int:
+def _first_difference(x: memoryview, y: memoryview) -> int:
     lo, hi = 0, len(x)
-    # Narrow by halves (C-speed slice compares), then finish byte by byte.
+    # Narrow by halves with C-speed slice compares, then finish byte by byte.
     while hi - lo > 64:
         mid = (lo + hi) // 2
         if x[lo:mid] != y[lo:mid]:
@@ -106,18 +104,26 @@ def compare(
     *,
     format_a: str | None = None,
     format_b: str | None = None,
-    allowed_roots: list[str] | None = None,
+    allowed_roots: Iterable[str | os.PathLike[str]] | None = None,
 ) -> CompareResult:
-    """Compare what two disks show the guest, as ``qemu-img compare A B`` does."""
-    with open_chain(a, format=format_a or guess_format(a), allowed_roots=allowed_roots) as ca, \
-            open_chain(b, format=format_b or guess_format(b),
-                       allowed_roots=allowed_roots) as cb:
-        size = max(ca.size, cb.size)
+    """Compare what two disks show the guest, as ``qemu-img compare -f A -F B a b`` does.
+
+    ``format_a`` / ``format_b`` name the top images' formats (default qcow2;
+    pass ``"raw"`` for a raw file): nothing is probed. Backing chains are
+    followed as :func:`~boxdisk.chain.open_chain` follows them.
+    """
+    roots = None if allowed_roots is None else list(allowed_roots)
+    with open_chain(a, format=format_a, allowed_roots=roots) as ca, \
+            open_chain(b, format=format_b, allowed_roots=roots) as cb:
+        buf_a, buf_b = bytearray(_CHUNK), bytearray(_CHUNK)
+        view_a, view_b = memoryview(buf_a), memoryview(buf_b)
         for start, end in _union(data_intervals(ca), data_intervals(cb)):
             pos = start
             while pos < end:
                 n = min(_CHUNK, end - pos)
-                x, y = _read(ca, pos, n), _read(cb, pos, n)
+                x, y = view_a[:n], view_b[:n]
+                _read(ca, pos, x)
+                _read(cb, pos, y)
                 if x != y:
                     first = pos + _first_difference(x, y)
                     log.info("compared", a=os.fspath(a), b=os.fspath(b), identical=False,
@@ -125,5 +131,5 @@ def compare(
                     return CompareResult(False, first - first % _SECTOR, first, ca.size,
                                          cb.size)
                 pos += n
-        log.info("compared", a=os.fspath(a), b=os.fspath(b), identical=True, size=size)
+        log.info("compared", a=os.fspath(a), b=os.fspath(b), identical=True)
         return CompareResult(True, None, None, ca.size, cb.size)

@@ -1,10 +1,11 @@
 """Operations that change images: commit, rebase (safe and header-only) and resize.
 
-Each refuses an image a running QEMU holds (QEMU's lock bytes), writes guest
-data through :class:`~boxdisk.image._qcow2_write.Qcow2Writer` (crash-ordered
-metadata) and changes a header only after the data it relies on is durable,
-so a crash at any instant leaves every guest's view as it was before, or as
-it is after.
+Each refuses an image a running QEMU holds (QEMU's lock bytes, probed first and
+then held for the whole operation by the writer), writes guest data through a
+writable image (crash-ordered metadata) and changes a header only after the
+data it relies on is durable. A crash at any instant therefore leaves every
+guest view that must not change as it was, and at worst leaked clusters; each
+operation can simply be run again.
 """
 
 from __future__ import annotations
@@ -12,19 +13,14 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Protocol
 
-from boxdisk._errors import BackingChainError, ImageIOError, InvalidArgumentError
+from boxdisk._errors import BackingChainError, InvalidArgumentError, UnsupportedFeatureError
 from boxdisk._locks import ensure_not_in_use
 from boxdisk._log import get_logger
 from boxdisk.chain import BackingChain, open_chain
-from boxdisk.format import plan_new_image
 from boxdisk.image import RunKind
 from boxdisk.image._qcow2_write import Qcow2Writer
-from boxdisk.qcow2 import _write_new_image, read_header, rewrite_backing_reference
-
-from ._compare import data_intervals
+from boxdisk.image._write import WritableImage
 
 __all__ = ["Progress", "commit", "rebase", "resize"]
 
@@ -33,103 +29,22 @@ log = get_logger(__name__)
 #: Called with (done_bytes, total_bytes) as long operations advance.
 Progress = Callable[[int, int], None]
 
-_CHUNK = 4 << 20
+_CHUNK = 4 << 20  # bytes read and written at a time
+_WINDOW = 256 << 20  # guest bytes whose top-image runs rebase lists at once
 
 
-class _Target(Protocol):
-    def write(self, offset: int, data: bytes) -> None: ...
-    def write_zeroes(self, offset: int, length: int) -> None: ...
-    def flush(self) -> None: ...
-    def close(self) -> None: ...
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 1)
 
 
-class _RawTarget:
-    """A raw file as a write target (commit into a raw base)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        try:
-            self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError as exc:
-            msg = f"cannot open raw image for writing: {exc.strerror}"
-            raise ImageIOError(msg, path=path) from None
-        self.size = os.fstat(self._fd).st_size
-
-    def write(self, offset: int, data: bytes) -> None:
-        os.pwrite(self._fd, data, offset)
-
-    def write_zeroes(self, offset: int, length: int) -> None:
-        zero = bytes(min(length, _CHUNK))
-        end = offset + length
-        while offset < end:
-            n = min(len(zero), end - offset)
-            os.pwrite(self._fd, zero[:n], offset)
-            offset += n
-
-    def resize(self, new_size: int) -> None:
-        os.ftruncate(self._fd, new_size)
-        self.size = new_size
-
-    def flush(self) -> None:
-        os.fsync(self._fd)
-
-    def close(self) -> None:
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
-
-
-def _reader(chain: BackingChain | None) -> Callable[[int, int], bytes] | None:
-    if chain is None:
-        return None
-
-    def read(offset: int, length: int) -> bytes:
-        end = min(offset + length, chain.size)
-        data = chain.read(offset, end - offset) if end > offset else b""
-        return data + bytes(length - len(data))
-
-    return read
-
-
-def _open_below(chain: BackingChain, depth: int) -> BackingChain | None:
-    """A separate chain of the images under ``chain.images[depth]`` (None at the bottom)."""
-    if depth + 1 >= len(chain.images):
-        return None
-    img = chain.images[depth + 1]
-    return open_chain(img.path, format=img.format)
-
-
-def _copy_runs(chain: BackingChain, runs: Iterator[tuple[int, int, RunKind]], target: _Target,
-               total: int, progress: Progress | None) -> int:
-    done = 0
-    for start, end, kind in runs:
-        if kind is RunKind.ZERO:
-            target.write_zeroes(start, end - start)
-        else:
-            pos = start
-            while pos < end:
-                n = min(_CHUNK, end - pos)
-                target.write(pos, chain.read(pos, n))
-                pos += n
-        done += end - start
-        if progress is not None:
-            progress(done, total)
-    return done
-
-
-def _decided_above(chain: BackingChain, depth: int) -> Iterator[tuple[int, int, RunKind]]:
-    """Stretches whose bytes an image above ``depth`` decides: DATA (incl. compressed) or ZERO."""
-    for d, run in chain.runs(precise=False):
-        if d >= depth or run.kind is RunKind.UNALLOCATED:
-            continue
-        kind = RunKind.ZERO if run.kind is RunKind.ZERO else RunKind.DATA
-        yield run.start, run.end, kind
+# -- commit ---------------------------------------------------------------------------
 
 
 def _find_depth(chain: BackingChain, base: str | os.PathLike[str] | None) -> int:
     if len(chain.images) < 2:
         msg = "image has no backing file to commit into"
-        raise BackingChainError(msg, path=chain.paths[0], field="backing_file")
+        raise BackingChainError(msg, path=chain.paths[0], field="backing_file",
+                                chain=chain.paths)
     if base is None:
         return 1
     for depth, path in enumerate(chain.paths[1:], start=1):
@@ -140,20 +55,42 @@ def _find_depth(chain: BackingChain, base: str | os.PathLike[str] | None) -> int
                             chain=chain.paths)
 
 
-def _empty_top(top: str, base_path: str, base_format: str, *, rebase_to_base: bool) -> None:
-    """Replace ``top`` with an empty child of the same size (atomically, temp + rename)."""
-    header = read_header(top)
-    name, fmt = header.backing_file, header.backing_format
-    if rebase_to_base:
-        relative = name is not None and not os.path.isabs(name)
-        real = os.path.realpath(base_path)
-        name = os.path.relpath(real, os.path.realpath(os.path.dirname(top) or ".")) \
-            if relative else real
-        fmt = base_format
-    layout = plan_new_image(header.size, cluster_bits=header.cluster_bits,
-                            refcount_order=header.refcount_order, backing_file=name,
-                            backing_format=fmt)
-    _write_new_image(Path(top), layout.writes, layout.file_size, replace=True)
+def _above(above: BackingChain) -> Iterator[tuple[int, int, bool]]:
+    """``(start, end, is_data)`` stretches some image above the base decides.
+
+    ``above`` holds the images over the base only. A stretch it leaves
+    unallocated at its bottom reads from the base: nothing to copy. One left
+    unallocated higher up lies past the end of a shorter image: it reads as
+    zeros, and so must the base (QEMU's ``bdrv_is_allocated_above`` counts it).
+    """
+    bottom = len(above.images) - 1
+    for depth, run in above.runs(precise=False):
+        kind = run.kind
+        if kind is RunKind.UNALLOCATED and depth == bottom:
+            continue
+        yield run.start, run.end, kind is RunKind.DATA or kind is RunKind.COMPRESSED
+
+
+def _copy_above(above: BackingChain, target: WritableImage,
+                progress: Progress | None) -> int:
+    total = sum(e - s for s, e, _ in _above(above)) if progress is not None else 0
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    done = 0
+    for start, end, is_data in _above(above):
+        if not is_data:
+            target.write_zeroes(start, end - start)
+        else:
+            pos = start
+            while pos < end:
+                n = min(_CHUNK, end - pos)
+                above.read_into(pos, view[:n])
+                target.write(pos, view[:n])
+                pos += n
+        done += end - start
+        if progress is not None:
+            progress(done, total)
+    return done
 
 
 def commit(
@@ -165,11 +102,20 @@ def commit(
 ) -> None:
     """Write what ``top`` (and the images between it and ``base``) hold into ``base``.
 
-    ``base`` defaults to the top's backing file. The base grows when the top
-    is larger. Afterwards, as ``qemu-img commit`` does, the top is emptied (it
-    reads everything from the base, which now holds the same bytes) and, when
-    ``base`` was deeper than the top's backing file, backs onto ``base``
-    directly. ``keep_top=True`` leaves the top as it was (``qemu-img commit -d``).
+    As ``qemu-img commit``: ``base`` defaults to the top's backing file and
+    must lie in its chain; the base grows when the top is larger; clusters
+    the images above the base read as zeros become zeros in the base.
+    Afterwards the top is emptied in place (it then reads everything from the
+    base, which holds the same bytes), unless ``keep_top=True``
+    (``qemu-img commit -d``). When ``base`` is deeper than the top's backing
+    file the top is always kept, as ``qemu-img commit -b`` implies ``-d``:
+    the images between top and base no longer read as they did (the base
+    under them changed), so an emptied top would read wrong bytes through
+    them; the kept top still reads exactly as before.
+
+    Refused with :class:`DiskInUseError` while a QEMU holds the top or the
+    base. A crash leaves the top's guest view intact (the base only gains
+    bytes the top already shows) and at most leaked clusters; run it again.
     """
     start_t = time.perf_counter()
     top_path = os.fspath(top)
@@ -177,59 +123,117 @@ def commit(
     with open_chain(top_path) as chain:
         depth = _find_depth(chain, base)
         base_img = chain.images[depth]
-        ensure_not_in_use(base_img.path, "commit into it")
-        size = chain.size
-        below = _open_below(chain, depth)
-        try:
-            target: Qcow2Writer | _RawTarget
-            if base_img.format == "raw":
-                target = _RawTarget(base_img.path)
-                if size > target.size:
-                    target.resize(size)
-            else:
-                target = Qcow2Writer(base_img.path, read_below=_reader(below))
-                if size > target.size:
-                    target.resize(size, backing_size=0 if below is None else below.size)
-            try:
-                # Two passes over metadata only: the total for progress, then the copy.
-                total = sum(e - s for s, e, _ in _decided_above(chain, depth)) if progress else 0
-                done = _copy_runs(chain, _decided_above(chain, depth), target, total, progress)
-                target.flush()
-            finally:
-                target.close()
-        finally:
-            if below is not None:
-                below.close()
         base_path, base_format = base_img.path, base_img.format
-    if not keep_top:
-        _empty_top(top_path, base_path, base_format, rebase_to_base=depth > 1)
-    log.info("committed", top=top_path, base=base_path, bytes=done, keep_top=keep_top,
-             ms=round((time.perf_counter() - start_t) * 1000, 1))
+        ensure_not_in_use(base_path, "commit into it")
+        size = chain.size
+        # A view of the images above the base (the chain still owns them): the base's
+        # own tables are never read through the read-only chain while they change.
+        above = BackingChain(list(chain.images[:depth]))
+        with open_chain(base_path, format=base_format, writable=True) as target_chain:
+            target = target_chain.images[0]
+            assert isinstance(target, WritableImage)
+            if size > target.size:
+                target.resize(size)
+            done = _copy_above(above, target, progress)
+            target.flush()
+    keep = keep_top or depth > 1
+    if not keep:
+        with Qcow2Writer(top_path) as writer:
+            writer.make_empty()
+    log.info("committed", top=top_path, base=base_path, depth=depth, bytes=done,
+             top_emptied=not keep, ms=_ms(start_t))
 
 
-def _unallocated_in_top(chain: BackingChain) -> Iterator[tuple[int, int]]:
-    for run in chain.top.runs(0, chain.size, precise=False):
-        if run.kind is RunKind.UNALLOCATED:
+# -- rebase ---------------------------------------------------------------------------
+
+
+def _data_intervals(chain: BackingChain | None, start: int, end: int) -> Iterator[
+        tuple[int, int]]:
+    """Stretches of ``[start, end)`` where ``chain`` may read non-zero bytes."""
+    if chain is None:
+        return
+    end = min(end, chain.size)
+    if start >= end:
+        return
+    for _, run in chain.runs(start, end - start, precise=True):
+        if run.kind is RunKind.DATA or run.kind is RunKind.COMPRESSED:
             yield run.start, run.end
 
 
-def _intersect(a: list[tuple[int, int]], b: Iterator[tuple[int, int]]) -> Iterator[
-        tuple[int, int]]:
-    i = 0
-    for start, end in b:
-        while i < len(a) and a[i][1] <= start:
+def _merge(*streams: Iterator[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for s, e in sorted(iv for stream in streams for iv in stream):
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
+
+
+def _read_padded(chain: BackingChain | None, offset: int, view: memoryview) -> None:
+    """Fill ``view`` with ``chain``'s bytes at ``offset``; zeros past its end (or no chain)."""
+    n = len(view)
+    inside = 0 if chain is None else max(0, min(n, chain.size - offset))
+    if inside and chain is not None:
+        chain.read_into(offset, view[:inside])
+    if inside < n:
+        view[inside:] = bytes(n - inside)
+
+
+def _copy_differences(writer: Qcow2Writer, old: BackingChain | None,
+                      new: BackingChain | None, progress: Progress | None) -> int:
+    """Write into the top every cluster it leaves to its backing where old and new differ.
+
+    ``qemu-img rebase``'s safe mode; returns the bytes written.
+    """
+    size, cs = writer.size, writer.cluster_size
+    buf_old, buf_new = bytearray(_CHUNK), bytearray(_CHUNK)
+    v_old, v_new = memoryview(buf_old), memoryview(buf_new)
+    written = 0
+    for wstart in range(0, size, _WINDOW):
+        wend = min(size, wstart + _WINDOW)
+        holes = [(r.start, r.end) for r in writer.runs(wstart, wend - wstart)
+                 if r.kind is RunKind.UNALLOCATED]
+        if not holes:
+            continue
+        data = _merge(_data_intervals(old, wstart, wend), _data_intervals(new, wstart, wend))
+        done_to = 0  # clusters below this guest offset were compared already
+        for s, e in _intersect(holes, data):
+            pos = max(s - s % cs, done_to)
+            end = min(size, -(-e // cs) * cs)
+            while pos < end:
+                n = min(_CHUNK, end - pos)
+                _read_padded(old, pos, v_old[:n])
+                _read_padded(new, pos, v_new[:n])
+                if v_old[:n] != v_new[:n]:
+                    for c in range(0, n, cs):
+                        m = min(cs, n - c)
+                        a = v_old[c : c + m]
+                        if a == v_new[c : c + m]:
+                            continue
+                        if a.tobytes().count(0) == m:
+                            writer.write_zeroes(pos + c, m)
+                        else:
+                            writer.write(pos + c, a)
+                        written += m
+                pos += n
+            done_to = max(done_to, end)
+        if progress is not None:
+            progress(wend, size)
+    return written
+
+
+def _intersect(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """Pairwise intersections of two sorted lists of disjoint intervals, in order."""
+    i = j = 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if lo < hi:
+            yield lo, hi
+        if a[i][1] <= b[j][1]:
             i += 1
-        j = i
-        while j < len(a) and a[j][0] < end:
-            lo, hi = max(start, a[j][0]), min(end, a[j][1])
-            if lo < hi:
-                yield lo, hi
+        else:
             j += 1
-
-
-def _read_zero_padded(chain: BackingChain | None, offset: int, length: int) -> bytes:
-    read = _reader(chain)
-    return bytes(length) if read is None else read(offset, length)
 
 
 def rebase(
@@ -243,12 +247,19 @@ def rebase(
 ) -> None:
     """Make ``image`` back onto ``new_backing`` (None: standalone), as ``qemu-img rebase``.
 
-    ``safe=True`` first copies into ``image`` every cluster where the old and
-    the new backing read differently, so the guest sees the same bytes before
-    and after; the header changes last. ``safe=False`` only rewrites the
-    header (``qemu-img rebase -u``). The new name is stored as its real path,
-    or relative to the image's directory with ``relative=True``.
+    ``safe=True`` first copies into ``image`` every cluster it does not hold
+    where the old and the new backing read differently, so the guest sees the
+    same bytes before and after; the header changes last. ``safe=False`` only
+    rewrites the header (``qemu-img rebase -u``), and needs no old backing
+    file. ``backing_format`` is required with a new backing file (it is never
+    probed). The name stored is the new file's real path, or with
+    ``relative=True`` its path relative to the image's directory.
+
+    Refused with :class:`DiskInUseError` while a QEMU holds the image. A
+    crash before the header changes leaves the old view intact; running the
+    rebase again finishes it.
     """
+    start_t = time.perf_counter()
     path = os.fspath(image)
     ensure_not_in_use(path, "rebase")
     if new_backing is not None and backing_format is None:
@@ -261,70 +272,47 @@ def rebase(
             msg = f"new backing file {os.fspath(new_backing)!r} does not exist"
             raise BackingChainError(msg, path=path, field="backing_file",
                                     value=os.fspath(new_backing))
-        name = os.path.relpath(real, os.path.realpath(os.path.dirname(path) or ".")) \
-            if relative else real
-    if safe:
-        _copy_differences(path, new_backing, backing_format, progress)
-    rewrite_backing_reference(path, name, backing_format)
-    log.info("rebased", path=path, backing=name, backing_format=backing_format, safe=safe)
+        name = (os.path.relpath(real, os.path.realpath(os.path.dirname(path) or "."))
+                if relative else real)
+    written = 0
+    if not safe:
+        with Qcow2Writer(path) as writer:
+            writer.set_backing(name, backing_format)
+    else:
+        with open_chain(path, writable=True) as chain:
+            top = chain.images[0]
+            if not isinstance(top, Qcow2Writer):
+                msg = "only a qcow2 image has a backing file to change"
+                raise UnsupportedFeatureError(msg, path=path, field="format")
+            old = BackingChain(list(chain.images[1:])) if len(chain.images) > 1 else None
+            new = None if new_backing is None else open_chain(new_backing,
+                                                              format=backing_format)
+            try:
+                written = _copy_differences(top, old, new, progress)
+            finally:
+                if new is not None:
+                    new.close()
+            top.flush()
+            top.set_backing(name, backing_format)
+    log.info("rebased", path=path, backing=name, backing_format=backing_format, safe=safe,
+             bytes=written, ms=_ms(start_t))
 
 
-def _copy_differences(path: str, new_backing: str | os.PathLike[str] | None,
-                      backing_format: str | None, progress: Progress | None) -> None:
-    with open_chain(path) as chain:
-        old = _open_below(chain, 0)
-        new = None if new_backing is None else open_chain(new_backing, format=backing_format)
-        try:
-            holes = list(_unallocated_in_top(chain))
-            candidates: list[tuple[int, int]] = []
-            intervals: list[tuple[int, int]] = []
-            for below in (old, new):
-                if below is not None:
-                    intervals.extend(data_intervals(below))
-            intervals.sort()
-            merged: list[tuple[int, int]] = []
-            for s, e in intervals:
-                if merged and s <= merged[-1][1]:
-                    merged[-1] = (merged[-1][0], max(merged[-1][1], e))
-                else:
-                    merged.append((s, e))
-            candidates = [(s, min(e, chain.size)) for s, e in _intersect(merged, iter(holes))
-                          if s < chain.size]
-            total = sum(e - s for s, e in candidates)
-            cs = chain.top.cluster_size
-            done = 0
-            with Qcow2Writer(path, read_below=_reader(old)) as writer:
-                for start, end in candidates:
-                    pos = start - start % cs
-                    while pos < end:
-                        n = min(_CHUNK, -(-end // cs) * cs - pos, chain.size - pos)
-                        was = _read_zero_padded(old, pos, n)
-                        now = _read_zero_padded(new, pos, n)
-                        if was != now:
-                            for c in range(0, n, cs):
-                                a, b = was[c:c + cs], now[c:c + cs]
-                                if a != b:
-                                    writer.write(pos + c, a)
-                        pos += n
-                        done = min(total, done + n)
-                        if progress is not None:
-                            progress(done, total)
-                writer.flush()
-        finally:
-            for opened in (old, new):
-                if opened is not None:
-                    opened.close()
+# -- resize ---------------------------------------------------------------------------
 
 
-def resize(path: str | os.PathLike[str], new_size: int) -> None:
-    """Grow a qcow2 image, or shrink it when nothing is stored past the new end."""
+def resize(path: str | os.PathLike[str], new_size: int, *, format: str = "qcow2") -> None:
+    """Grow a qcow2 (or raw) image, or shrink it when nothing is stored past the new end.
+
+    As ``qemu-img resize``: growing where the backing file reaches past the
+    old end makes the new range read as zeros; a qcow2's size must be a
+    multiple of 512. Shrinking a qcow2 is refused (InvalidArgumentError) when
+    a cluster past the new end holds data; a raw file (``format="raw"``) is
+    cut. Refused with :class:`DiskInUseError` while a QEMU holds the image.
+    """
     p = os.fspath(path)
     ensure_not_in_use(p, "resize")
-    with open_chain(p) as chain:
-        below = _open_below(chain, 0)
-        try:
-            with Qcow2Writer(p, read_below=_reader(below)) as writer:
-                writer.resize(new_size, backing_size=0 if below is None else below.size)
-        finally:
-            if below is not None:
-                below.close()
+    with open_chain(p, format=format, writable=True) as chain:
+        top = chain.images[0]
+        assert isinstance(top, WritableImage)
+        top.resize(new_size)
