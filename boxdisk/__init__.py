@@ -18,7 +18,17 @@ from ._errors import (
     UnsupportedFeatureError,
 )
 from ._locks import image_in_use
-from .ops import CompareResult, commit, compare, rebase, resize
+from .ops import (
+    CheckReport,
+    CompareResult,
+    Finding,
+    FindingKind,
+    check,
+    commit,
+    compare,
+    rebase,
+    resize,
+)
 from .qcow2 import (
     DEFAULT_CLUSTER_SIZE,
     DEFAULT_DISK_SIZE,
@@ -44,18 +54,22 @@ __all__ = [
     "BackingChainError",
     "BackingFormat",
     "BoxdiskError",
+    "CheckReport",
     "CompareResult",
     "CorruptImageError",
     "Disk",
     "DiskExistsError",
     "DiskFormat",
     "DiskInUseError",
+    "Finding",
+    "FindingKind",
     "ImageError",
     "ImageIOError",
     "InvalidArgumentError",
     "NotQcow2Error",
     "UnsupportedFeatureError",
     "__version__",
+    "check",
     "clone_disk_pair",
     "commit",
     "compare",
