@@ -520,7 +520,7 @@ class Walk:
             off = raw & REFT_OFFSET_MASK
             if not off:
                 parts.append(zero_block)
-            elif off & (cs - 1):
+            elif off & (cs - 1) or off > _INT64_MAX:  # QEMU cannot read it: EIO
                 self.bad_blocks.add(bi)
                 parts.append(zero_block)
             else:
@@ -543,7 +543,7 @@ class Walk:
         off = raw & REFT_OFFSET_MASK
         if not off:
             return 0
-        if off & (self.cs - 1):
+        if off & (self.cs - 1) or off > _INT64_MAX:
             return None
         block = self._block_cache.get(off)
         if block is None:
@@ -880,7 +880,7 @@ class Walk:
             if bi in self.bad_blocks:
                 for k in range(a, b):
                     self._add(FindingKind.REFCOUNT_UNREADABLE,
-                              "refcount block offset is not cluster-aligned",
+                              "refcount block offset is not cluster-aligned, or past 2^63",
                               table="refcount table", index=bi, cluster=k, offset=k << cb)
                 continue
             if imrt[a:b] == od[a:b]:

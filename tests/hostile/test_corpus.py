@@ -20,7 +20,7 @@ import pytest
 
 from boxdisk._errors import BoxdiskError
 from boxdisk.chain import BackingChain
-from boxdisk.ops import flatten
+from boxdisk.ops import check, flatten
 
 from ._expect import EXPECT, Expect
 from .test_chains import CHAIN_CASES
@@ -147,3 +147,34 @@ def test_qemu_verdict(name: str, qemu, tmp_path: Path) -> None:
 def test_pristine_images_pass_qemu_check(qemu) -> None:
     for name in [n for n in EXPECT if n.startswith("valid-")]:
         qemu.assert_clean(_path(name))
+
+
+#: Images QEMU's check opens although QEMU's normal open refuses them.
+_CHECK_ONLY_IN_QEMU = {
+    "hdr-refcount-table-clusters-0": "qemu-img check opens an image without a refcount "
+    "table so that -r can build one; boxdisk's check refuses it as its open does",
+}
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("name", sorted(EXPECT))
+def test_check_counts_as_qemu_img_check(name: str, tmp_path: Path) -> None:
+    """boxdisk's check finds what qemu-img check finds, or refuses what QEMU cannot open."""
+    exp = EXPECT[name]
+    path = _path(name)
+    proc = _run("qemu-img", "check", "-f", "qcow2", "--output=json", path)
+    qemu_report = json.loads(proc.stdout) if proc.stdout.strip() else None
+    try:
+        report = check(path)
+    except BoxdiskError as exc:
+        assert exp.at == "open", f"check raised {exc!r} on an image boxdisk opens"
+        assert type(exc) is exp.error
+        assert exp.field_matches(exc.field)
+        assert qemu_report is None or exp.qemu == "reads" or name in _CHECK_ONLY_IN_QEMU, (
+            f"qemu-img check reports {qemu_report}")
+        return
+    assert qemu_report is not None, f"qemu-img check cannot open it: {proc.stderr!r}"
+    keys = ("check-errors", "corruptions", "leaks")
+    ours = report.as_qemu_json()
+    assert {k: ours.get(k, 0) for k in keys} == {k: qemu_report.get(k, 0) for k in keys}
+    assert report.exit_code == proc.returncode
