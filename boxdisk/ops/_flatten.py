@@ -186,8 +186,8 @@ def _copy(chain: BackingChain, dst: str, output_format: str, *, overwrite: bool,
             writer.finish()
         finally:
             writer.abort()
-        if progress is not None:
-            progress(size, size)
+    if progress is not None:  # the last call comes once dst is in place
+        progress(size, size)
     return sink.data_bytes
 
 

@@ -33,10 +33,23 @@ class Layer:
     compress: str | None = None
 
 
+def compressed_ops(rng: random.Random, size: int, cluster: int, count: int) -> list[str]:
+    """qemu-io compressed writes (``write -c``) of whole clusters, none twice.
+
+    QEMU writes a compressed cluster only where the image has none yet, so
+    these must come before the image's other writes.
+    """
+    n_clusters = size // cluster
+    picked = rng.sample(range(n_clusters), min(count, n_clusters))
+    return [f"write -c -P {rng.randrange(1, 256)} {c * cluster} {cluster}" for c in picked]
+
+
 def random_ops(rng: random.Random, size: int, cluster: int, count: int,
-               *, zero: bool = True, discard: bool = True) -> tuple[str, ...]:
-    """qemu-io commands: pattern writes (cluster and partial), zero writes, discards."""
-    cmds: list[str] = []
+               *, zero: bool = True, discard: bool = True,
+               compressed: int = 0) -> tuple[str, ...]:
+    """qemu-io commands: compressed writes first (``compressed`` clusters), then pattern
+    writes (cluster and partial), zero writes and discards."""
+    cmds: list[str] = compressed_ops(rng, size, cluster, compressed) if compressed else []
     for _ in range(count):
         kind = rng.choice(["write"] * 4 + ["partial"] * 2 + ["zero"] * zero + ["discard"] * discard)
         if kind == "partial":

@@ -1,5 +1,8 @@
-"""Property: for any sequence of qemu-io operations over a chain, boxdisk reads, maps
-and flattens it exactly as QEMU does."""
+"""Property: for any sequence of qemu-io operations over a chain, boxdisk reads, maps,
+flattens and exports it exactly as QEMU does.
+
+The default run tries a bounded number of chains; ``-m slow`` runs many more.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +13,22 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from boxdisk.ops import flatten
+from boxdisk.ops import convert, flatten
 
 from .chains import KIB, Layer, assert_matches_qemu, build_chain
 
 pytestmark = pytest.mark.qemu
 
 SIZE = 1024 * KIB
+
+_OPTIONS: dict[tuple[str, ...], int] = {  # qemu-img -o options -> cluster size
+    (): 64 * KIB,
+    ("-o", "cluster_size=4k"): 4 * KIB,
+    ("-o", "cluster_size=512"): 512,
+    ("-o", "extended_l2=on"): 64 * KIB,
+    ("-o", "extended_l2=on,cluster_size=16k"): 16 * KIB,
+    ("-o", "compat=0.10"): 64 * KIB,
+}
 
 
 @st.composite
@@ -30,6 +42,14 @@ def qemu_io_op(draw: st.DrawFn, *, qcow2: bool, size: int) -> str:
 
 
 @st.composite
+def compressed_writes(draw: st.DrawFn, *, size: int, cluster: int) -> list[str]:
+    """``write -c`` of distinct whole clusters (QEMU compresses only fresh clusters)."""
+    clusters = draw(st.lists(st.integers(0, size // cluster - 1), max_size=4, unique=True))
+    return [f"write -c -P {draw(st.integers(0, 255))} {c * cluster} {cluster}"
+            for c in clusters]
+
+
+@st.composite
 def chains(draw: st.DrawFn) -> list[Layer]:
     depth = draw(st.integers(1, 4))
     base = draw(st.sampled_from(["raw", "qcow2"]))
@@ -37,25 +57,40 @@ def chains(draw: st.DrawFn) -> list[Layer]:
     for i in range(depth):
         fmt = base if i == 0 else "qcow2"
         opts: tuple[str, ...] = ()
-        if fmt == "qcow2":
-            opts = draw(st.sampled_from([(), ("-o", "cluster_size=4k"), ("-o", "cluster_size=512"),
-                                         ("-o", "extended_l2=on"), ("-o", "compat=0.10")]))
         size = draw(st.sampled_from([SIZE, SIZE // 2, SIZE + 512])) if i < depth - 1 else SIZE
-        ops = tuple(draw(st.lists(qemu_io_op(qcow2=fmt == "qcow2", size=size), max_size=6)))
-        layers.append(Layer(fmt, size, opts, ops))
+        ops: list[str] = []
+        if fmt == "qcow2":
+            opts = draw(st.sampled_from(sorted(_OPTIONS)))
+            ops += draw(compressed_writes(size=size, cluster=_OPTIONS[opts]))
+        ops += draw(st.lists(qemu_io_op(qcow2=fmt == "qcow2", size=size), max_size=6))
+        layers.append(Layer(fmt, size, opts, tuple(ops)))
     return layers
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(layers=chains())
-def test_random_chains_match_qemu(qemu, layers: list[Layer]) -> None:
+def _check(qemu, layers: list[Layer]) -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         top = build_chain(qemu, tmp, layers)
         fmt = "raw" if len(layers) == 1 and layers[0].fmt == "raw" else "qcow2"
-        assert_matches_qemu(qemu, top, tmp, reads=10, fmt=fmt)
+        expected = assert_matches_qemu(qemu, top, tmp, reads=10, fmt=fmt)
         dst = tmp / "flat.qcow2"
         flatten(top, dst, src_format=fmt)
         qemu.assert_clean(dst)
         proc = qemu.img("compare", "-f", fmt, "-F", "qcow2", top, dst, check=False)
         assert proc.returncode == 0, proc.stdout
+        exported = tmp / "export.raw"
+        convert(top, exported, output_format="raw", src_format=fmt)
+        assert exported.read_bytes() == expected
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layers=chains())
+def test_random_chains_match_qemu(qemu, layers: list[Layer]) -> None:
+    _check(qemu, layers)
+
+
+@pytest.mark.slow
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layers=chains())
+def test_many_random_chains_match_qemu(qemu, layers: list[Layer]) -> None:
+    _check(qemu, layers)

@@ -7,10 +7,15 @@ compressed bases, and backing files shorter than their children.
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+from boxdisk.chain import BackingChain
 
 from .chains import KIB, MIB, Layer, assert_matches_qemu, build_chain, random_ops
 
@@ -142,3 +147,60 @@ def test_relative_names_resolve_against_the_naming_image(qemu, tmp_path: Path) -
     qemu.write(top, ["write -P 0x43 64k 4k"])
     expected = assert_matches_qemu(qemu, top, tmp_path)
     assert expected[:4] == b"\x42" * 4
+
+
+@pytest.mark.parametrize("options", [(), ("-o", "extended_l2=on"), ("-o", "cluster_size=4k")],
+                         ids=["64k", "extl2", "4k"])
+def test_compressed_writes_in_every_layer(qemu, tmp_path: Path, options: tuple[str, ...]) -> None:
+    """qemu-io ``write -c`` puts compressed clusters in the middle and top layers too."""
+    rng = random.Random(len(options) * 7 + 1)
+    cluster = 4 * KIB if "cluster_size=4k" in options else 64 * KIB
+    size = 4 * MIB
+    layers = [Layer("qcow2", size, options, random_ops(rng, size, cluster, 8, compressed=10))
+              for _ in range(3)]
+    top = build_chain(qemu, tmp_path, layers)
+    mapped = assert_matches_qemu(qemu, top, tmp_path)
+    assert any(mapped)
+
+
+def test_metadata_preallocated_layers_map_as_qemu_does(qemu, tmp_path: Path) -> None:
+    """QEMU reports the host holes of a metadata-preallocated image as zero data."""
+    base = tmp_path / "base.qcow2"
+    qemu.img("create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", base, "4M")
+    qemu.write(base, ["write -P 1 64k 4k", "write -P 2 1M 192k", "write -P 3 4032k 64k"])
+    top = tmp_path / "top.qcow2"
+    qemu.img("create", "-q", "-f", "qcow2", "-o", "preallocation=metadata,extended_l2=on",
+             "-b", "base.qcow2",
+             "-F", "qcow2", top, "4M")
+    qemu.write(top, ["write -P 4 2M 8k", "write -z 1M 64k"])
+    assert_matches_qemu(qemu, top, tmp_path)
+    assert_matches_qemu(qemu, base, tmp_path)
+
+
+def test_fifo_as_backing_file_is_refused_without_hanging(qemu, tmp_path: Path) -> None:
+    fifo = tmp_path / "base.raw"
+    os.mkfifo(fifo)
+    top = tmp_path / "top.qcow2"
+    qemu.img("create", "-q", "-f", "qcow2", "-u", "-b", "base.raw", "-F", "raw", top, "1M")
+    code = ("import sys\nfrom boxdisk.chain import open_chain\n"
+            "from boxdisk._errors import BoxdiskError\n"
+            "try:\n    open_chain(sys.argv[1]).close()\nexcept BoxdiskError as e:\n"
+            "    print(type(e).__name__)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(top)], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.stdout.split() == ["ImageIOError"], proc.stderr
+
+
+def test_read_into_writes_every_byte(qemu, tmp_path: Path) -> None:
+    rng = random.Random(21)
+    layers = _layers(rng, 3, "raw", size=2 * MIB)
+    top = build_chain(qemu, tmp_path, layers)
+    expected = qemu.read_raw(top, tmp_path)
+    with BackingChain.open(top) as chain:
+        buf = bytearray(b"\xff" * chain.size)
+        chain.read_into(0, buf)
+        assert buf == expected
+        view = memoryview(buf)[4096 : 4096 + 300 * KIB]
+        view[:] = b"\xee" * len(view)
+        chain.read_into(4096, view)
+        assert buf == expected
