@@ -127,7 +127,7 @@ def image_in_use(path: str | os.PathLike[str]) -> bool:
     A missing file is not in use.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     except FileNotFoundError:
         return False
     except OSError as exc:

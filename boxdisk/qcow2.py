@@ -108,7 +108,8 @@ def read_header(path: str | os.PathLike[str]) -> Qcow2Header:
     """Parse and validate the header (with extensions and backing name) of a qcow2 file."""
     source = os.fspath(path)
     try:
-        fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO named as an image must not hang (its pread fails instead).
+        fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError as exc:
         raise _io_error(source, "cannot open image", exc) from None
     try:

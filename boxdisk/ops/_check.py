@@ -359,7 +359,9 @@ def check(path: str | os.PathLike[str], *, repair: Repair | None = None) -> Chec
     p = os.fspath(path)
     start = time.perf_counter()
     try:
-        fd = os.open(p, (os.O_RDONLY if repair is None else os.O_RDWR) | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO must not hang the check (its reads then fail, typed).
+        fd = os.open(p, (os.O_RDONLY if repair is None else os.O_RDWR) | os.O_CLOEXEC
+                     | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError as exc:
         msg = f"cannot open image: {exc.strerror}"
         raise ImageIOError(msg, path=p, field="path", value=p) from exc

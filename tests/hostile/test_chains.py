@@ -262,3 +262,39 @@ def test_chain_deeper_than_the_limit(tmp_path: Path) -> None:
     assert len(info.value.chain) == DEFAULT_MAX_DEPTH
     with BackingChain.open(tmp_path / "link-1.qcow2") as chain:
         assert len(chain.images) == DEFAULT_MAX_DEPTH
+
+
+_EVERY_ENTRY_POINT = """
+import logging
+import sys
+import structlog
+structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+import boxdisk
+from boxdisk._errors import BoxdiskError
+from boxdisk._locks import image_in_use
+from boxdisk.ops import check
+path = sys.argv[1]
+for fn in (check, boxdisk.qcow2_virtual_size, boxdisk.read_backing_file_path,
+           boxdisk.read_header):
+    try:
+        fn(path)
+        print(fn.__name__, "returned")
+    except BoxdiskError as e:
+        print(fn.__name__, type(e).__name__)
+print("read_backing_chain", boxdisk.read_backing_chain(path))
+print("image_in_use", image_in_use(path))
+"""
+
+
+def test_fifo_never_blocks_a_header_reader_or_check(tmp_path: Path) -> None:
+    """Regression: check() and the seed-parity header readers opened a FIFO blocking."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    proc = subprocess.run([sys.executable, "-c", _EVERY_ENTRY_POINT, str(fifo)],
+                          capture_output=True, text=True, timeout=60, check=False, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "check ImageIOError", "qcow2_virtual_size ImageIOError",
+        "read_backing_file_path ImageIOError", "read_header ImageIOError",
+        "read_backing_chain []", "image_in_use False",
+    ]
