@@ -13,13 +13,19 @@ from typing import Any
 from boxdisk._errors import StoreError
 
 __all__ = [
+    "dump_json",
     "fsync_dir",
     "make_read_only",
     "make_writable",
     "read_json",
     "remove_tree",
     "write_json",
+    "write_new_file",
 ]
+
+
+#: Metadata files are small; a larger one is damage, not data.
+_MAX_JSON = 1 << 20
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -52,10 +58,33 @@ def write_json(path: Path, value: Any, *, durable: bool = True) -> None:
         fsync_dir(path.parent)
 
 
+def write_new_file(path: Path, data: bytes) -> None:
+    """Create ``path`` (never over an existing file) holding ``data``, fsynced.
+
+    The directory is not fsynced: callers fsync it once after all its new entries.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def dump_json(value: Any) -> bytes:
+    """The bytes the store writes for a JSON value."""
+    return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
+
+
 def read_json(path: Path) -> Any:
     """The JSON value in ``path``; a damaged file raises StoreError naming it."""
     try:
-        return json.loads(path.read_bytes())
+        with path.open("rb") as f:
+            data = f.read(_MAX_JSON + 1)
+        if len(data) > _MAX_JSON:
+            msg = f"store metadata is larger than {_MAX_JSON} bytes"
+            raise StoreError(msg, path=path, field="size", value=len(data))
+        return json.loads(data)
     except FileNotFoundError:
         raise
     except (OSError, ValueError) as exc:
@@ -76,10 +105,19 @@ def make_writable(path: Path) -> None:
 
 def remove_tree(path: Path) -> None:
     """Remove a directory tree (read-only files included); a missing one is fine."""
-    if not path.exists():
+    if not os.path.lexists(path):
         return
 
+    def onerror(func: Any, name: str, exc_info: Any) -> None:
+        # Another process (gc, recovery) may be removing the same leftover.
+        if not isinstance(exc_info[1], FileNotFoundError):
+            raise exc_info[1]
+
     # Unlinking needs write permission on the directory only: read-only files go too.
-    shutil.rmtree(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, onerror=onerror)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
     with contextlib.suppress(FileNotFoundError):
         fsync_dir(path.parent)

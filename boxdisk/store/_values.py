@@ -1,0 +1,97 @@
+"""The values a store hands out: boxes, snapshots, and the reports of verify() and gc()."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+
+__all__ = ["Box", "GcReport", "Problem", "Snapshot", "VerifyReport"]
+
+
+@attrs.define(frozen=True)
+class Snapshot:
+    """An immutable snapshot of a box: its disks as they were when it was taken.
+
+    ``size`` is the container disk's virtual size; ``host_bytes`` what the
+    snapshot's own files take on the host (not counting what they back onto).
+    """
+
+    box_id: str
+    name: str
+    dir: Path
+    disk: Path
+    guest_disk: Path | None
+    created: float
+    size: int
+    host_bytes: int
+
+
+@attrs.define(frozen=True)
+class Box:
+    """A box as it is now.
+
+    ``disk`` is the live container disk (hand it to the VM), ``guest_disk`` the
+    live guest-rootfs disk or None; ``base`` and ``guest_base`` the names of the
+    store bases they descend from (None for a standalone or imported disk);
+    ``snapshots`` the snapshot names, oldest first; ``size`` and ``guest_size``
+    the virtual sizes; ``host_bytes`` what the box's own files (snapshots
+    included) take on the host; ``clone_of`` the box it was cloned from.
+    """
+
+    id: str
+    dir: Path
+    disk: Path
+    guest_disk: Path | None
+    base: str | None
+    guest_base: str | None
+    snapshots: tuple[str, ...]
+    size: int
+    guest_size: int | None
+    host_bytes: int
+    created: float
+    clone_of: str | None = None
+
+
+@attrs.define(frozen=True)
+class Problem:
+    """One thing :meth:`BoxStore.verify` found wrong: the file, what kind, and the evidence."""
+
+    path: str
+    kind: str
+    message: str
+
+
+@attrs.define(frozen=True)
+class VerifyReport:
+    """What :meth:`BoxStore.verify` checked and found; ``ok`` when nothing is wrong.
+
+    ``in_flight`` lists operations other processes are running right now (not
+    problems: their files are skipped).
+    """
+
+    images: int
+    boxes: int
+    problems: tuple[Problem, ...] = ()
+    in_flight: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """Whether no problem was found."""
+        return not self.problems
+
+
+@attrs.define(frozen=True)
+class GcReport:
+    """What :meth:`BoxStore.gc` removed (or, with ``dry_run``, would remove).
+
+    ``recovered`` are interrupted operations finished or rolled back,
+    ``clone_bases`` clone bases nothing depended on, ``leftovers`` staging
+    files and trash of interrupted operations.
+    """
+
+    dry_run: bool
+    recovered: tuple[str, ...] = ()
+    clone_bases: tuple[str, ...] = ()
+    leftovers: tuple[str, ...] = ()
+    bytes_freed: int = 0

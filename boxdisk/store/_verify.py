@@ -1,0 +1,209 @@
+"""The checks of :meth:`BoxStore.verify`: chains, images, metadata against files, leftovers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from boxdisk._errors import BoxdiskError, NotFoundError, StoreError
+from boxdisk.chain import open_chain
+from boxdisk.graph import DependencyGraph
+from boxdisk.ops import check
+from boxdisk.qcow2 import BackingFormat, read_header
+
+from ._layout import (
+    BASE_META,
+    BOX_META,
+    CLONE_META,
+    CONTAINER_DISK,
+    DISK_NAMES,
+    SNAPSHOT_META,
+)
+from ._values import Problem, VerifyReport
+
+if TYPE_CHECKING:
+    from ._store import BoxStore
+
+__all__ = ["Verifier"]
+
+_WRITE_BITS = 0o222
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+class Verifier:
+    """The checks of :meth:`BoxStore.verify`, one method per kind of thing checked."""
+
+    def __init__(self, store: BoxStore) -> None:
+        self.store = store
+        self.lay = store._layout
+        self.problems: list[Problem] = []
+
+    def add(self, path: str | os.PathLike[str], kind: str, message: str) -> None:
+        self.problems.append(Problem(os.fspath(path), kind, message))
+
+    def run(self) -> VerifyReport:
+        store = self.store
+        in_flight: list[str] = []
+        live_opids: set[str] = set()
+        for name in sorted(store._journal.names()):
+            record = store._journal.load(name)
+            if record is None:
+                continue
+            with store._locks.try_hold(record.keys, "verify") as free:
+                if free:
+                    self.add(record.path, "interrupted",
+                             f"{record.op} {record.opid} was interrupted; reopening the store "
+                             f"or gc() recovers it")
+                else:
+                    in_flight.append(f"{record.op} {record.opid}")
+                    live_opids.add(record.opid)
+        images = store._images()
+        graph = DependencyGraph.scan(images)
+        self.check_graph(graph)
+        for path in images:
+            self.check_image(path)
+        boxes = store.list_boxes()
+        for box_id in boxes:
+            self.check_box(box_id)
+        self.check_bases()
+        self.check_clones()
+        for p in store._leftovers(live_opids):
+            self.add(p, "leftover", "left behind by an interrupted operation; gc() removes it")
+        return VerifyReport(images=len(images), boxes=len(boxes),
+                            problems=tuple(self.problems), in_flight=tuple(in_flight))
+
+    def check_graph(self, graph: DependencyGraph) -> None:
+        for node in graph:
+            if node.error is not None:
+                self.add(node.path, "unreadable", node.error)
+            elif node.backing is not None:
+                if not self.lay.under_root(node.backing):
+                    self.add(node.path, "outside",
+                             f"backs onto {node.backing!r}, outside the store")
+                if node.backing_format is None:
+                    self.add(node.path, "backing_format",
+                             "names a backing file without a backing format")
+        for cycle in graph.cycles():
+            self.add(cycle[0], "cycle", "backing files form a cycle: " + " -> ".join(cycle))
+
+    def check_image(self, path: str) -> None:
+        try:
+            with open_chain(path, allowed_roots=self.store._roots):
+                pass
+        except BoxdiskError as exc:
+            self.add(path, "chain", f"chain does not open: {exc}")
+        try:
+            report = check(path)
+        except BoxdiskError as exc:
+            self.add(path, "check", f"check failed: {exc}")
+            return
+        if report.corruptions or report.leaks or report.check_errors:
+            self.add(path, "check", f"{report.corruptions} corruptions, {report.leaks} leaks, "
+                                    f"{report.check_errors} check errors")
+
+    def _meta(self, path: Path, what: str) -> dict[str, Any] | None:
+        try:
+            return self.store._read_meta(path, what)
+        except StoreError as exc:
+            self.add(path, "metadata", exc.message)
+            return None
+
+    def _read_only(self, path: Path) -> None:
+        if path.stat().st_mode & _WRITE_BITS:
+            self.add(path, "writable", "an immutable image is writable")
+
+    def check_box(self, box_id: str) -> None:
+        lay = self.lay
+        bdir = lay.box_dir(box_id)
+        meta = self._meta(bdir / BOX_META, "box")
+        if not (bdir / CONTAINER_DISK).is_file():
+            self.add(bdir / CONTAINER_DISK, "missing", "the box has no live container disk")
+            return
+        if meta is not None:
+            if meta.get("id") != box_id:
+                self.add(bdir / BOX_META, "metadata",
+                         f"box.json names box {meta.get('id')!r}, the directory {box_id!r}")
+            for field, disk in (("base", CONTAINER_DISK), ("guest_base", DISK_NAMES[1])):
+                self.check_descent(bdir / disk, meta.get(field), field)
+        for sdir in sorted(p for p in lay.snapshots_dir(box_id).glob("*")
+                           if p.is_dir() and not p.name.startswith(".")):
+            smeta = self._meta(sdir / SNAPSHOT_META, "snapshot")
+            if smeta is not None and smeta.get("name") != sdir.name:
+                self.add(sdir / SNAPSHOT_META, "metadata",
+                         f"snapshot.json names {smeta.get('name')!r}, the directory "
+                         f"{sdir.name!r}")
+            if not (sdir / CONTAINER_DISK).is_file():
+                self.add(sdir, "missing", "the snapshot has no container disk")
+            for d in DISK_NAMES:
+                if (sdir / d).is_file():
+                    self._read_only(sdir / d)
+            if (sdir / DISK_NAMES[1]).is_file() != (bdir / DISK_NAMES[1]).is_file():
+                self.add(sdir, "disks", "the snapshot and the box hold different disks")
+
+    def check_descent(self, disk: Path, base: object, field: str) -> None:
+        """The chain of a live disk ends at the base its metadata names (headers are the truth)."""
+        if not disk.is_file():
+            if base is not None:
+                self.add(disk, "missing",
+                         f"box.json names {field} {base!r} but the disk is missing")
+            return
+        try:
+            with open_chain(disk, allowed_roots=self.store._roots) as chain:
+                bottom = chain.paths[-1]
+        except BoxdiskError:
+            return  # reported by check_image
+        if base is None:
+            return
+        if not isinstance(base, str):
+            self.add(disk.parent / BOX_META, "metadata", f"{field} is not a name: {base!r}")
+            return
+        try:
+            expected = self.store._base_image(base)[0]
+        except NotFoundError:
+            self.add(disk.parent / BOX_META, "metadata", f"{field} {base!r} is not in the store")
+            return
+        if not _same_file(Path(bottom), expected):
+            self.add(disk, "descent", f"box.json says {field} {base!r} but the chain ends at "
+                                      f"{bottom!r}")
+
+    def check_bases(self) -> None:
+        lay = self.lay
+        for name in self.store.list_bases():
+            bdir = lay.base_dir(name)
+            meta = self._meta(bdir / BASE_META, "base")
+            try:
+                path, fmt = self.store._base_image(name)
+            except NotFoundError:
+                self.add(bdir, "missing", "the base has no image")
+                continue
+            if meta is not None and meta.get("format") != fmt.value:
+                self.add(bdir / BASE_META, "metadata",
+                         f"base.json says format {meta.get('format')!r}, the file is {fmt.value}")
+            if fmt is BackingFormat.QCOW2:
+                try:
+                    if read_header(path).backing_file is not None:
+                        self.add(path, "base", "a base has a backing file")
+                except BoxdiskError:
+                    pass  # reported by the graph
+
+    def check_clones(self) -> None:
+        lay = self.lay
+        try:
+            dirs = sorted(p for p in lay.clones.iterdir()
+                          if p.is_dir() and not p.name.startswith("."))
+        except FileNotFoundError:
+            return
+        for cdir in dirs:
+            self._meta(cdir / CLONE_META, "clone base")
+            if not (cdir / CONTAINER_DISK).is_file():
+                self.add(cdir, "missing", "the clone base has no container disk")
+            for d in DISK_NAMES:
+                if (cdir / d).is_file():
+                    self._read_only(cdir / d)
