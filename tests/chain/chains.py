@@ -16,6 +16,7 @@ from typing import Any
 import attrs
 
 from boxdisk.chain import BackingChain
+from boxdisk.ops import flatten
 
 KIB = 1024
 MIB = 1024 * 1024
@@ -104,8 +105,13 @@ def qemu_map(qemu: Any, top: Path, fmt: str = "qcow2") -> list[dict[str, Any]]:
 
 
 def assert_matches_qemu(qemu: Any, top: Path, tmp: Path, *, seed: int = 0,
-                        reads: int = 40, fmt: str = "qcow2") -> bytes:
-    """boxdisk reads and maps ``top``'s chain exactly as QEMU does; returns the guest bytes."""
+                        reads: int = 40, fmt: str = "qcow2", flat: bool = True) -> bytes:
+    """boxdisk reads, maps and (``flat``) flattens ``top``'s chain exactly as QEMU does.
+
+    Reads of random ranges equal QEMU's raw export, ``map()`` equals ``qemu-img
+    map --output=json``, and the flattened image passes ``qemu-img check`` and
+    ``qemu-img compare``. Returns the guest bytes.
+    """
     expected = qemu.read_raw(top, tmp) if fmt == "qcow2" else top.read_bytes()
     rng = random.Random(seed)
     with BackingChain.open(top, format=fmt) as chain:
@@ -118,4 +124,11 @@ def assert_matches_qemu(qemu: Any, top: Path, tmp: Path, *, seed: int = 0,
         mine = [e.as_qemu_json() for e in chain.map()]
     theirs = qemu_map(qemu, top, fmt)
     assert mine == theirs
+    if flat:
+        dst = tmp / f"{top.stem}-flat-{seed}.qcow2"
+        flatten(top, dst, src_format=fmt, overwrite=True)
+        qemu.assert_clean(dst)
+        proc = qemu.img("compare", "-f", fmt, "-F", "qcow2", top, dst, check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        dst.unlink()
     return expected
