@@ -22,6 +22,7 @@ from boxdisk._errors import (
     ImageIOError,
     UnsupportedFeatureError,
 )
+from boxdisk.chain import BackingChain
 from boxdisk.format import (
     INCOMPAT_CORRUPT,
     INCOMPAT_DATA_FILE,
@@ -457,3 +458,51 @@ def test_metadata_preallocation_is_detected_as_qemu_does(qemu, tmp_path: Path) -
         assert q.metadata_preallocation
     with Qcow2Image.open(Img(qemu, tmp_path).path) as q:
         assert not q.metadata_preallocation
+
+
+# -- QEMU-made images with features boxdisk refuses ---------------------------------
+
+
+def test_qemu_made_luks_image_is_refused(qemu, tmp_path: Path) -> None:
+    path = tmp_path / "luks.qcow2"
+    qemu.img("create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=abc", "-o",
+             "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=100", path, "1M")
+    with pytest.raises(UnsupportedFeatureError, match="encrypted") as info:
+        Qcow2Image.open(path)
+    assert info.value.path == str(path)
+    assert info.value.field == "crypt_method"
+
+
+def test_qemu_made_aes_image_is_refused(qemu, tmp_path: Path) -> None:
+    path = tmp_path / "aes.qcow2"
+    qemu.img("create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=abc", "-o",
+             "encrypt.format=aes,encrypt.key-secret=sec0", path, "1M")
+    with pytest.raises(UnsupportedFeatureError, match="encrypted"):
+        Qcow2Image.open(path)
+
+
+def test_qemu_made_external_data_file_is_refused(qemu, tmp_path: Path) -> None:
+    path = tmp_path / "df.qcow2"
+    qemu.img("create", "-q", "-f", "qcow2", "-o", "data_file=data.raw", path, "1M")
+    with pytest.raises(UnsupportedFeatureError, match="external data file") as info:
+        Qcow2Image.open(path)
+    assert info.value.field == "incompatible_features"
+
+
+def test_refusals_hold_through_a_chain(qemu, tmp_path: Path) -> None:
+    """A refused feature anywhere in a chain refuses the chain, naming that image."""
+    base = tmp_path / "base.qcow2"
+    qemu.img("create", "-q", "-f", "qcow2", "-o", "data_file=data.raw", base, "1M")
+    top = tmp_path / "top.qcow2"
+    qemu.img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top, "1M")
+    with pytest.raises(UnsupportedFeatureError) as info:
+        BackingChain.open(top)
+    assert info.value.path == str(base)
+    with open(top, "r+b") as f:  # a corrupt top is named before its base is opened
+        f.seek(72)
+        cur = struct.unpack(">Q", f.read(8))[0]
+        f.seek(72)
+        f.write(struct.pack(">Q", cur | INCOMPAT_CORRUPT))
+    with pytest.raises(CorruptImageError, match="corrupt") as info2:
+        BackingChain.open(top)
+    assert info2.value.path == str(top)
