@@ -116,7 +116,9 @@ class Qcow2Image(Image):
         require_codec(h.compression_type, path)
         self.header = h
         self.trust_refcounts = trust_refcounts
-        self.size = h.size
+        # QEMU counts whole sectors: a header size that is not a multiple of 512
+        # loses its tail (qcow2_do_open: total_sectors = size / 512).
+        self.size = h.size // 512 * 512
         self.cluster_size = cs
         self.cluster_bits = h.cluster_bits
         self.backing_file = h.backing_file

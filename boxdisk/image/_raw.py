@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 __all__ = ["RawImage"]
 
 _DEFAULT_GRANULE = 64 * 1024
+_SECTOR = 512
 
 
 class RawImage(Image):
@@ -22,10 +23,13 @@ class RawImage(Image):
 
     Holes read as zeros and are reported as ZERO runs (with their host
     offset, as ``qemu-img map`` does); a raw file has no backing file. A block
-    device is a raw image too (its size found by seeking to its end).
+    device is a raw image too (its size found by seeking to its end). As in
+    QEMU, the disk's size is the file's rounded up to whole 512-byte sectors;
+    the bytes past the file's end read as zeros.
     """
 
     format = "raw"
+    file_size: int
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Self:
@@ -34,7 +38,8 @@ class RawImage(Image):
         fd, size = open_image_fd(p)
         self = cls.__new__(cls)
         Image.__init__(self, p, fd)
-        self.size = size
+        self.file_size = size
+        self.size = -(-size // _SECTOR) * _SECTOR
         self.cluster_size = _DEFAULT_GRANULE
         return self
 
@@ -48,7 +53,7 @@ class RawImage(Image):
             return iter((Run(RunKind.DATA, offset, length, offset),))
         return (Run(RunKind.DATA if is_data else RunKind.ZERO, start, stop - start, start)
                 for is_data, start, stop in data_extents(self.fd, self.path, offset,
-                                                         offset + length, self.size))
+                                                         offset + length, self.file_size))
 
     def read_compressed(self, run: Run) -> bytes:  # pragma: no cover - raw has none
         """Raw files hold no compressed clusters."""

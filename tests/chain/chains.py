@@ -99,6 +99,16 @@ def build_chain(qemu: Any, directory: Path, layers: list[Layer], *,
     return below
 
 
+def qemu_export(qemu: Any, top: Path, tmp: Path, fmt: str = "qcow2") -> bytes:
+    """The guest bytes as QEMU reads them (``qemu-img convert -f FMT -O raw``)."""
+    out = tmp / f"{top.name}.qemu-export.raw"
+    qemu.img("convert", "-U", "-f", fmt, "-O", "raw", top, out)
+    try:
+        return out.read_bytes()
+    finally:
+        out.unlink()
+
+
 def qemu_map(qemu: Any, top: Path, fmt: str = "qcow2") -> list[dict[str, Any]]:
     """``qemu-img map --output=json`` parsed."""
     return json.loads(qemu.img("map", "-f", fmt, "--output=json", top).stdout)
@@ -112,7 +122,7 @@ def assert_matches_qemu(qemu: Any, top: Path, tmp: Path, *, seed: int = 0,
     map --output=json``, and the flattened image passes ``qemu-img check`` and
     ``qemu-img compare``. Returns the guest bytes.
     """
-    expected = qemu.read_raw(top, tmp) if fmt == "qcow2" else top.read_bytes()
+    expected = qemu_export(qemu, top, tmp, fmt)
     rng = random.Random(seed)
     with BackingChain.open(top, format=fmt) as chain:
         assert chain.size == len(expected)

@@ -204,3 +204,29 @@ def test_read_into_writes_every_byte(qemu, tmp_path: Path) -> None:
         view[:] = b"\xee" * len(view)
         chain.read_into(4096, view)
         assert buf == expected
+
+
+@pytest.mark.parametrize("size", [1000, 5000, 65536 + 1], ids=["1000", "5000", "64k+1"])
+def test_raw_file_not_a_sector_multiple(qemu, tmp_path: Path, size: int) -> None:
+    """QEMU rounds a raw file's size up to whole sectors; the tail reads as zeros."""
+    base = tmp_path / "base.raw"
+    with open(base, "wb") as f:
+        f.write(random.Random(size).randbytes(min(size, 1000)))
+        f.truncate(size)
+    assert_matches_qemu(qemu, base, tmp_path, fmt="raw")
+    top = tmp_path / "top.qcow2"
+    qemu.img("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", top, "1M")
+    qemu.write(top, ["write -P 7 512 512"])
+    assert_matches_qemu(qemu, top, tmp_path)
+
+
+def test_qcow2_size_not_a_sector_multiple(qemu, tmp_path: Path) -> None:
+    """QEMU drops a header size's partial last sector (qcow2_do_open)."""
+    path = tmp_path / "odd.qcow2"
+    qemu.img("create", "-q", "-f", "qcow2", path, "1M")
+    qemu.write(path, ["write -P 3 0 1M"])
+    with open(path, "r+b") as f:
+        f.seek(24)
+        f.write((1024 * 1024 - 300).to_bytes(8, "big"))
+    assert qemu.info(path)["virtual-size"] == 1024 * 1024 - 512
+    assert_matches_qemu(qemu, path, tmp_path)
