@@ -34,6 +34,7 @@ from boxdisk._errors import (
     CorruptImageError,
     DependentsExistError,
     InvalidArgumentError,
+    LockTimeoutError,
     NotFoundError,
     SnapshotInUseError,
     StoreError,
@@ -328,6 +329,11 @@ class BoxStore:
         record = self._journal.begin(op, keys, data, opid=opid)
         try:
             yield record
+        except LockTimeoutError:
+            # The store lock (which undoing needs too) is busy: the record stays, and the
+            # next operation on these boxes, gc() or a reopen undoes it.
+            log.warning("operation_left_for_recovery", op=op, opid=opid)
+            raise
         except BaseException:
             try:
                 self._recover(record)
@@ -1243,16 +1249,17 @@ class BoxStore:
             outside |= graph.dependents(p)
         outside -= own
         protected = self._protected(live)
-        dead = self._dead_clones(graph, protected)
-        blocking = outside - dead
+        # Clone bases only the box itself kept alive go with it; any other dependent blocks.
+        dead_before = self._dead_clones(graph, protected)
+        dead_after = self._dead_clones(graph, protected, own)
+        blocking = outside - dead_after
         if blocking:
             msg = f"box {bdir.name!r} cannot be removed: images outside it back onto its disks"
             raise DependentsExistError(msg, path=bdir, field="box_id", value=bdir.name,
                                        dependents=tuple(sorted(blocking)))
         for p in own:
             ensure_not_in_use(p, "remove the box")
-        # Clone bases that would dangle (they back onto the box) or that only the box used.
-        orphaned = (outside & dead) | (self._dead_clones(graph, protected, own) - dead)
+        orphaned = (outside & dead_after) | (dead_after - dead_before)
         return sorted({Path(os.path.dirname(p)) for p in orphaned})
 
     def _remove_trash(self, opid: str) -> None:
