@@ -83,6 +83,12 @@ def _open_image(path: str, fmt: str) -> Image:
     raise UnsupportedFeatureError(msg, path=path, field="format", value=fmt)
 
 
+def _has_protocol(name: str) -> bool:
+    """QEMU's ``path_has_protocol``: a ':' before any '/' makes ``proto:rest`` a protocol."""
+    head = name.split("/", 1)[0]
+    return ":" in head
+
+
 def _under(path: str, roots: list[str]) -> bool:
     return any(os.path.commonpath([path, root]) == root for root in roots)
 
@@ -116,6 +122,12 @@ def _backing_link(img: Image, path: str, names: list[str], fallback_format: str 
         raise BackingChainError(msg, path=path, field="backing_file", value=name, chain=chain)
     if name.startswith("json:"):
         msg = f"backing name {name!r} is a QEMU json: specification, not a file"
+        raise UnsupportedFeatureError(msg, path=path, field="backing_file", value=name)
+    if _has_protocol(name):
+        # QEMU would hand such a name to a protocol driver (nbd:, http:, file:, ...),
+        # not resolve it against the image's directory; boxdisk opens local files only.
+        msg = (f"backing name {name!r} has a protocol prefix, which QEMU would not read "
+               f"as a file next to the image; boxdisk does not follow it")
         raise UnsupportedFeatureError(msg, path=path, field="backing_file", value=name)
     # QEMU's path_combine: relative to the naming image's directory, as opened.
     target = name if os.path.isabs(name) else os.path.join(os.path.dirname(path), name)

@@ -197,3 +197,28 @@ def test_read_outside_the_disk_is_refused(qemu, tmp_path: Path) -> None:
         with pytest.raises(InvalidArgumentError):
             chain.read(-1, 1)
         assert chain.read(1024 * 1024, 0) == b""
+
+
+@pytest.mark.parametrize("name", ["nbd:localhost:10809", "file:base.raw", "http://x/y.img",
+                                  "weird:name.raw"])
+def test_protocol_backing_names_are_not_files(qemu, tmp_path: Path, name: str) -> None:
+    """QEMU's path_has_protocol: a ':' before any '/' names a protocol, never a local file."""
+    (tmp_path / "base.raw").write_bytes(bytes(4096))
+    (l0,) = _chain(qemu, tmp_path, 1)
+    _rewrite_backing(l0, name, "raw")
+    with pytest.raises(UnsupportedFeatureError, match="protocol") as info:
+        BackingChain.open(l0)
+    assert info.value.field == "backing_file"
+    assert info.value.value == name
+
+
+def test_colon_after_a_slash_is_a_plain_name(qemu, tmp_path: Path) -> None:
+    sub = tmp_path / "a:b"
+    sub.mkdir()
+    (sub / "base.raw").write_bytes(b"\5" * 4096)
+    (l0,) = _chain(qemu, tmp_path, 1)
+    _rewrite_backing(l0, "./a:b/base.raw", "raw")
+    with BackingChain.open(l0) as chain:
+        assert chain.read(0, 2) == b"\5\5"
+    proc = qemu.io("-c", "read -P 5 0 4096", l0, check=False)
+    assert "read 4096/4096 bytes" in proc.stdout, proc.stdout + proc.stderr
