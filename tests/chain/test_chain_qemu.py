@@ -230,3 +230,16 @@ def test_qcow2_size_not_a_sector_multiple(qemu, tmp_path: Path) -> None:
         f.write((1024 * 1024 - 300).to_bytes(8, "big"))
     assert qemu.info(path)["virtual-size"] == 1024 * 1024 - 512
     assert_matches_qemu(qemu, path, tmp_path)
+
+
+def test_internal_snapshots_do_not_change_what_is_read(qemu, tmp_path: Path) -> None:
+    """Only the active L1 table counts; snapshot tables (and their shared clusters) do not."""
+    rng = random.Random(33)
+    top = build_chain(qemu, tmp_path, [Layer("qcow2", 4 * MIB, (), random_ops(
+        rng, 4 * MIB, 64 * KIB, 10))])
+    qemu.img("snapshot", "-c", "s1", top)
+    qemu.write(top, list(random_ops(rng, 4 * MIB, 64 * KIB, 10)))
+    qemu.img("snapshot", "-c", "s2", top)
+    qemu.write(top, ["write -z 0 1M", "discard 2M 512k"])
+    assert len(qemu.info(top)["snapshots"]) == 2
+    assert_matches_qemu(qemu, top, tmp_path)
