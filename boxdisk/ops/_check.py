@@ -59,7 +59,6 @@ import os
 import struct
 import time
 from array import array
-from collections.abc import Callable
 from typing import Any, Literal
 
 import attrs
@@ -394,6 +393,7 @@ class _Repair:
         self.corruptions_fixed = self.leaks_fixed = 0
         self.new_final: array[int] | None = None
         self.wrote = False
+        self.l1_fix_phase = 1
 
     # -- raw writes ------------------------------------------------------------------
 
@@ -420,18 +420,18 @@ class _Repair:
 
     # -- planning --------------------------------------------------------------------
 
-    def _writable_tables(self, walk: Walk, rc: Callable[[int], int | None]
+    def _writable_tables(self, walk: Walk, meta: dict[int, int]
                          ) -> tuple[bool, frozenset[int]]:
-        """Active tables inside the file referenced by nothing but their own L1 entries
-        (as ``rc`` counts references); the others are never written."""
+        """Active tables inside the file that no other metadata structure overlaps
+        (``meta`` counts metadata references per cluster); the others are never written."""
         h, cs, cb = self.h, self.cs, self.cb
         l1_end = h.l1_table_offset + h.l1_size * 8
         l1_ok = bool(h.l1_size) and l1_end <= self.image.file_size and all(
-            rc(k) == 1 for k in range(h.l1_table_offset >> cb, (l1_end - 1 >> cb) + 1))
+            meta.get(k, 0) == 1 for k in range(h.l1_table_offset >> cb, (l1_end - 1 >> cb) + 1))
         l2_ok = frozenset(
             l2 for l2, refs in walk.active_l2.items()
             if l2 and not l2 & (cs - 1) and l2 + cs <= self.image.file_size
-            and rc(l2 >> cb) == len(refs))
+            and meta.get(l2 >> cb, 0) == len(refs))
         return l1_ok, l2_ok
 
     def run(self) -> CheckReport:
@@ -439,7 +439,7 @@ class _Repair:
         bits = h.incompatible_features & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT)
         if not (pre.corruptions or pre.leaks or pre.check_errors or bits):
             return _report(self.image, pre)
-        l1_ok, l2_ok = self._writable_tables(pre, lambda k: pre.imrt[k])
+        l1_ok, l2_ok = self._writable_tables(pre, pre.meta)
         if self.mode == "leaks":
             if pre.rebuild:
                 need = Finding(kind=FindingKind.REBUILD_NEEDED,
@@ -455,9 +455,20 @@ class _Repair:
             rebuild = False
         else:
             zero_past_end = h.version >= 3 or h.backing_file is None
-            plan = self.image.walk(fixes=Fixes(l1_ok, l2_ok, zero_past_end))
+            # A broken refcount structure is rebuilt whatever the plan finds (a rebuild
+            # is always safe); tables that overlap only the old structure may then be
+            # fixed too, once it is gone (phase 3).
+            rebuild = bool(pre.rebuild or pre.outside_blocks or pre.bad_blocks)
+            after = _without(pre.meta, pre.refstruct) if rebuild else pre.meta
+            plan_l1, plan_l2 = self._writable_tables(pre, after)
+            plan = self.image.walk(fixes=Fixes(plan_l1, plan_l2, zero_past_end))
             final = plan.imrt
-            rebuild = bool(plan.rebuild or plan.outside_blocks or plan.bad_blocks)
+            rebuild = rebuild or bool(plan.rebuild or plan.outside_blocks or plan.bad_blocks)
+            if plan_l1 and not l1_ok:
+                self.l1_fix_phase = 3
+            for l2, fixes in plan.l2_fixes.items():
+                if l2 not in l2_ok:
+                    plan.l2_fixes[l2] = {i: (e, bm, 3) for i, (e, bm, _) in fixes.items()}
             fix_copied = True
         if rebuild:
             self.new_final = self._rebuilt_refcounts(plan)
@@ -477,9 +488,10 @@ class _Repair:
         else:
             self._write_in_place(final)
         self._sync()
-        # With the refcounts repaired, a table that only overlapped the old refcount
-        # structure is now referenced by its L1 entries alone, and may be written.
-        l1_ok, l2_ok = self._writable_tables(plan, final_rc)
+        # With the refcount structure rebuilt, a table that only overlapped the old one
+        # is now referenced by its L1 entries alone, and may be written.
+        meta = _without(plan.meta, plan.refstruct) if rebuild else plan.meta
+        l1_ok, l2_ok = self._writable_tables(plan, meta)
         self._entries(plan, l1_ok, l2_ok, final_rc if fix_copied else None, phase=3)
         self._sync()
         post_image = _open_image(self.fd, self.path)
@@ -502,7 +514,7 @@ class _Repair:
         for i, e in enumerate(l1):
             if not e:
                 continue
-            new = plan.l1_fixes.get(i, e) if phase == 1 else e
+            new = plan.l1_fixes.get(i, e) if phase == self.l1_fix_phase else e
             l2 = new & L1E_OFFSET_MASK
             if l2 and final_rc is not None:
                 new = self._copied(new, final_rc(l2 >> cb), phase)
@@ -632,6 +644,14 @@ class _Repair:
         if h.incompatible_features & bits:
             self._pwrite(struct.pack(">Q", h.incompatible_features & ~bits), _INCOMPATIBLE)
             self._sync()
+
+
+def _without(meta: dict[int, int], refstruct: list[int]) -> dict[int, int]:
+    """Metadata references per cluster once the old refcount structure is gone."""
+    out = dict(meta)
+    for k in refstruct:
+        out[k] -= 1
+    return out
 
 
 def _u64s(image: _Image, offset: int, count: int) -> array[int]:

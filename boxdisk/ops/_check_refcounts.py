@@ -337,8 +337,27 @@ def read_snapshots(
 # -- the walk ------------------------------------------------------------------------
 
 
+def _read_budget(file_size: int) -> int:
+    # Every table of a sound image lies inside the file and no two overlap, so the
+    # file's size (plus room for a few thousand misplaced tables) is all it needs.
+    return file_size + 16 * 1024 * 1024
+
+
 def _data_owner(l1_index: int | None, i: int) -> tuple[str, bool]:
     return (f"data cluster of L2 entry {l1_index}/{i}", False)
+
+
+def _compressed_owner(l1_index: int | None, i: int) -> tuple[str, bool]:
+    return (f"compressed cluster of L2 entry {l1_index}/{i}", False)
+
+
+#: What references a cluster: (name, is metadata), or a function making it (data
+#: clusters, whose names are only needed for findings and traces).
+Owner = tuple[str, bool] | Callable[[], tuple[str, bool]]
+
+
+def _owner(owner: Owner) -> tuple[str, bool]:
+    return owner if isinstance(owner, tuple) else owner()
 
 
 @attrs.define(frozen=True)
@@ -407,11 +426,12 @@ class Walk:
         self.findings_omitted = 0
         self.mismatched: list[int] = []
         self.refstruct: list[int] = []  # clusters counted as refcount table/blocks
+        self.meta: dict[int, int] = {}  # cluster -> references from metadata structures
         self.active_l2: dict[int, list[int]] = {}  # L2 offset -> active L1 indices
         self.inactive_l2: dict[int, int] = {}  # L2 offset -> references from snapshots
         self.l1_fixes: dict[int, int] = {}
         self.l2_fixes: dict[int, dict[int, L2Fix]] = {}
-        self._budget = 4 * file_size + 256 * 1024 * 1024
+        self._budget = _read_budget(file_size)
         self._block_cache: dict[int, array[int]] = {}
         self._version3 = h.version >= 3
         self._extended = h.extended_l2
@@ -428,7 +448,7 @@ class Walk:
             self._budget -= avail
             if self._budget < 0:
                 msg = ("tables reference the same bytes too many times: check stopped "
-                       f"after reading {4 * self.file_size + 256 * 1024 * 1024} bytes")
+                       f"after reading {_read_budget(self.file_size)} bytes")
                 raise CorruptImageError(msg, path=self.path, field="tables", value=offset)
             try:
                 data = os.pread(self.fd, avail, offset)
@@ -446,7 +466,8 @@ class Walk:
 
     # -- findings --------------------------------------------------------------------
 
-    def _add(self, kind: FindingKind, detail: str, count: int = 1, **where: Any) -> None:
+    def _add(self, kind: FindingKind, detail: str | Callable[[], str], count: int = 1,
+             **where: Any) -> None:
         if kind.counts_as == "corruptions":
             self.corruptions += count
         elif kind.counts_as == "leaks":
@@ -454,8 +475,8 @@ class Walk:
         else:
             self.check_errors += count
         if len(self.findings) < MAX_FINDINGS:
-            self.findings.append(Finding(kind=kind, detail=detail, count=count,
-                                         **where))
+            text = detail if isinstance(detail, str) else detail()
+            self.findings.append(Finding(kind=kind, detail=text, count=count, **where))
         else:
             self.findings_omitted += 1
 
@@ -464,21 +485,24 @@ class Walk:
     def _grow(self, size: int) -> None:
         self.imrt.extend(zeros(self.order, size - len(self.imrt)))
 
-    def inc(self, start: int, size: int, owner: tuple[str, bool], m: int = 1,
-            **where: Any) -> bool:
+    def inc(self, start: int, size: int, owner: Owner, m: int = 1, **where: Any) -> bool:
         """QEMU's ``qcow2_inc_refcounts_imrt``, ``m`` times; False if the range is past the end."""
         if size <= 0:
             return True
         if start + size - self.file_size >= self.cs:
             self._add(FindingKind.PAST_END,
-                      f"{owner[0]} at 0x{start:x} ({size} bytes) lies a cluster or more "
-                      f"past the end of the {self.file_size}-byte file", m,
-                      **{"offset": start, **where})
+                      lambda: f"{_owner(owner)[0]} at 0x{start:x} ({size} bytes) lies a "
+                              f"cluster or more past the end of the {self.file_size}-byte file",
+                      m, **{"offset": start, **where})
             return False
         first, last = start >> self.cb, (start + size - 1) >> self.cb
         if last >= len(self.imrt):
             self._grow(last + 1)
         imrt, rc_max, trace = self.imrt, self.rc_max, self.trace
+        if isinstance(owner, tuple) and owner[1]:
+            meta = self.meta
+            for k in range(first, last + 1):
+                meta[k] = meta.get(k, 0) + m
         for k in range(first, last + 1):
             v = imrt[k] + m
             if v > rc_max:
@@ -489,10 +513,10 @@ class Walk:
                 v = rc_max
             imrt[k] = v
             if trace is not None and k in trace:
-                trace[k].append(owner)
+                trace[k].append(_owner(owner))
         return True
 
-    def _inc_cluster(self, k: int, m: int, owner: Callable[[], tuple[str, bool]]) -> None:
+    def _inc_cluster(self, k: int, m: int, owner: Owner) -> None:
         """One aligned cluster inside the file, ``m`` times (the data-cluster fast path)."""
         v = self.imrt[k] + m
         if v > self.rc_max:
@@ -502,7 +526,7 @@ class Walk:
             v = self.rc_max
         self.imrt[k] = v
         if self.trace is not None and k in self.trace:
-            self.trace[k].append(owner())
+            self.trace[k].append(_owner(owner))
 
     # -- on-disk refcounts -------------------------------------------------------------
 
@@ -608,25 +632,25 @@ class Walk:
             self._add(FindingKind.MISALIGNED, "L2 table offset is not cluster-aligned", m,
                       offset=l2, **where)
 
-    def _l2(self, l2: int, m: int, l1_index: int | None, active: bool) -> None:
-        """``check_refcounts_l2`` (and, for active tables, ``check_oflag_copied``) for one
-        L2 table reached ``m`` times."""
+    def _l2(self, l2: int, m: int, m_active: int, l1_index: int | None) -> None:
+        """``check_refcounts_l2`` for one L2 table reached from ``m`` L1 entries, and for
+        the ``m_active`` of them in the active L1 table, its fragmentation counters and
+        ``check_oflag_copied``. Each table is read once, however often it is reached."""
         if l2 >= self.file_size:
             return  # read as zeros: no entries
         t = self._u64s(l2, self.cs // 8)
         if len(t) < self.cs // 8:
             t.frombytes(bytes(8 * (self.cs // 8 - len(t))))
-        fixing = active and self.fixes is not None and l2 in self.fixes.l2
+        fixing = self.fixes is not None and l2 in self.fixes.l2 and m == m_active
         fixes: dict[int, L2Fix] | None = {} if fixing else None
         # check_oflag_copied skips L1 entries of offset 0, which the refcount walk
         # still follows (to the header cluster).
-        copied = active and l2 != 0
+        copied = m_active if l2 else 0
         walk = self._l2_extended if self._extended else self._l2_standard
-        alloc, frag, comp = walk(t, m, l1_index, active, copied, fixes)
-        if active:
-            self.allocated += alloc * m
-            self.fragmented += frag * m
-            self.compressed += comp * m
+        alloc, frag, comp = walk(t, m, bool(m_active), copied, l1_index, fixes)
+        self.allocated += alloc * m_active
+        self.fragmented += frag * m_active
+        self.compressed += comp * m_active
         if fixes:
             self.l2_fixes[l2] = fixes
 
@@ -636,8 +660,9 @@ class Walk:
             return 0, (bm | (bm << 32)) & _ALL_ZERO
         return (QCOW_OFLAG_ZERO if self._version3 else 0), 0
 
-    def _l2_standard(self, t: array[int], m: int, l1_index: int | None, active: bool,
-                     copied: bool, fixes: dict[int, L2Fix] | None) -> tuple[int, int, int]:
+    def _l2_standard(self, t: array[int], m: int, active: bool, copied: int,
+                     l1_index: int | None, fixes: dict[int, L2Fix] | None
+                     ) -> tuple[int, int, int]:
         cs, cb, cmask = self.cs, self.cb, self.cs - 1
         flen, imrt, rc_max = self.file_size, self.imrt, self.rc_max
         ondisk, n_od = self.ondisk, len(self.ondisk)
@@ -669,7 +694,7 @@ class Walk:
             k = off >> cb
             if misplaced:
                 if copied:
-                    self._copied_entry(e, off, i, m, l1_index)
+                    self._copied_entry(e, off, i, copied, l1_index)
                 continue
             v = imrt[k] + m
             if v > rc_max or trace is not None:
@@ -679,13 +704,14 @@ class Walk:
             if copied:
                 if k < n_od and not (bad and (k >> rbb) in bad):
                     if (ondisk[k] == 1) != (e >> 63):
-                        self._copied_entry(e, off, i, m, l1_index)
+                        self._copied_entry(e, off, i, copied, l1_index)
                 else:
-                    self._copied_entry(e, off, i, m, l1_index)
+                    self._copied_entry(e, off, i, copied, l1_index)
         return alloc, frag, comp
 
-    def _l2_extended(self, t: array[int], m: int, l1_index: int | None, active: bool,
-                     copied: bool, fixes: dict[int, L2Fix] | None) -> tuple[int, int, int]:
+    def _l2_extended(self, t: array[int], m: int, active: bool, copied: int,
+                     l1_index: int | None, fixes: dict[int, L2Fix] | None
+                     ) -> tuple[int, int, int]:
         cs, cmask, flen = self.cs, self.cs - 1, self.file_size
         nxt = alloc = frag = comp = 0
         for i in range(len(t) // 2):
@@ -730,7 +756,7 @@ class Walk:
             if not misplaced:
                 self._inc_cluster(off >> self.cb, m, partial(_data_owner, l1_index, i))
             if copied:
-                self._copied_entry(e, off, i, m, l1_index)
+                self._copied_entry(e, off, i, copied, l1_index)
         return alloc, frag, comp
 
     @staticmethod
@@ -752,10 +778,11 @@ class Walk:
         where = self._where(l1_index, i, e)
         if off & (cs - 1):
             data = bm & _ALL_ALLOC if self._extended else not e & QCOW_OFLAG_ZERO
-            what = "data" if data else "preallocated"
-            self._add(FindingKind.MISALIGNED, f"{what} cluster offset is not cluster-aligned",
+            self._add(FindingKind.MISALIGNED,
+                      "data cluster offset is not cluster-aligned" if data else
+                      "preallocated cluster offset is not cluster-aligned",
                       m, offset=off, **where)
-        owner = _data_owner(l1_index, i)
+        owner = partial(_data_owner, l1_index, i)
         assert self.fixes is not None or fixes is None
         if fixes is not None and (off & (cs - 1) or self.fixes.zero_past_end):  # type: ignore[union-attr]
             # QEMU reads such a cluster as an I/O error (misaligned) or as zeros (past
@@ -789,7 +816,7 @@ class Walk:
             fixed_bm, phase = 0, 3
         nb_sectors = ((e >> self._c_shift) & self._c_mask) + 1
         csize = nb_sectors * 512 - (coff & 511)
-        owner = (f"compressed cluster of L2 entry {l1_index}/{i}", False)
+        owner = partial(_compressed_owner, l1_index, i)
         if fixes is not None and coff + csize - self.file_size >= self.cs:
             # QEMU fails to inflate the zeros it reads there: the guest cannot read it.
             fixes[i] = (*self._zeroed(e, 0), 1)
@@ -807,8 +834,8 @@ class Walk:
             return
         self.copied_corruptions += m
         self._add(FindingKind.COPIED_FLAG,
-                  f"OFLAG_COPIED {'set' if e >> 63 else 'clear'} on a data cluster with "
-                  f"refcount {rc}", m, offset=off, cluster=off >> self.cb, refcount=rc,
+                  lambda: f"OFLAG_COPIED {'set' if e >> 63 else 'clear'} on a data cluster "
+                          f"with refcount {rc}", m, offset=off, cluster=off >> self.cb, refcount=rc,
                   **self._where(l1_index, i, e))
 
     # -- the rest of calculate_refcounts ---------------------------------------------------
@@ -917,11 +944,12 @@ class Walk:
         self._load_refcounts()
         self.inc(0, cs, ("header", True), table="header")
         self._l1(h.l1_table_offset, h.l1_size, 1, None)
-        for l2, indices in self.active_l2.items():
-            self._l2(l2, len(indices), indices[0], True)
         self._snapshot_tables()
+        for l2, indices in self.active_l2.items():
+            self._l2(l2, len(indices) + self.inactive_l2.get(l2, 0), len(indices), indices[0])
         for l2, m in self.inactive_l2.items():
-            self._l2(l2, m, None, False)
+            if l2 not in self.active_l2:
+                self._l2(l2, m, 0, None)
         self.inc(h.snapshots_offset, self.snapshots_size, ("snapshot table", True),
                  table="snapshot table")
         rt_bytes = h.refcount_table_clusters * cs
