@@ -172,7 +172,7 @@ def _copy(chain: BackingChain, dst: str, output_format: str, *, overwrite: bool,
         if output_format == "qcow2":
             sink = QcowSink(fd, size, cluster_size.bit_length() - 1)
         else:
-            sink = RawSink(fd, size, cluster_size)
+            sink = RawSink(fd, size)
         writer = _Writer(fd, writeback, _BUFFERS, _WINDOW)
         try:
             for start, end in _data_windows(chain, cluster_size):
@@ -219,12 +219,14 @@ def convert(
 
     ``src`` is a path (a qcow2 chain top, or a raw file with
     ``src_format="raw"``) or an open :class:`BackingChain` (left open).
-    ``output_format`` is ``"qcow2"`` (a qcow2 v3 without backing file) or
-    ``"raw"`` (a sparse raw file). Clusters that read as all zeros are left
-    unallocated (holes). ``dst`` is written crash-safely (temporary file, fsync,
-    rename, directory fsync); an existing ``dst`` is an error unless
-    ``overwrite``. ``progress(done_bytes, total_bytes)`` is called as guest
-    bytes are covered. Returns the bytes of data written.
+    ``output_format`` is ``"qcow2"`` (a qcow2 v3 without backing file, with
+    ``cluster_size`` clusters) or ``"raw"`` (a sparse raw file). Output
+    clusters (for raw, 4 KiB blocks, as ``qemu-img convert -S 4k``) that read
+    as all zeros are left unallocated (holes). ``dst`` is written crash-safely
+    (temporary file, fsync, rename, directory fsync); an existing ``dst`` is an
+    error unless ``overwrite``. ``progress(done_bytes, total_bytes)`` is called
+    as guest bytes are covered, the last time with ``total_bytes`` once ``dst``
+    is in place. Returns the bytes of data written.
     """
     if output_format not in _FORMATS:
         msg = f"output format {output_format!r} is not one of {', '.join(_FORMATS)}"

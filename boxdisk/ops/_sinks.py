@@ -55,10 +55,14 @@ def nonzero_clusters(buf: bytearray, length: int, cluster_size: int,
     return out
 
 
-class RawSink:
-    """A sparse raw file of the guest size: all-zero clusters stay holes."""
+#: Zero detection granularity of raw output: qemu-img convert's default (-S 4k).
+RAW_GRANULE = 4096
 
-    def __init__(self, fd: int, size: int, cluster_size: int = 65536) -> None:
+
+class RawSink:
+    """A sparse raw file of the guest size: all-zero blocks (``RAW_GRANULE``) stay holes."""
+
+    def __init__(self, fd: int, size: int, cluster_size: int = RAW_GRANULE) -> None:
         self.fd, self.size, self.cluster_size = fd, size, cluster_size
         self._zero = bytes(cluster_size)
         self.data_bytes = 0

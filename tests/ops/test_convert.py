@@ -136,3 +136,15 @@ def test_convert_refuses_unknown_format(tmp_path: Path) -> None:
         convert(tmp_path / "a", tmp_path / "b", output_format="vmdk")
     with pytest.raises(InvalidArgumentError):
         convert(tmp_path / "a", tmp_path / "b", output_format="raw", cluster_size=1000)
+
+
+def test_raw_export_is_as_sparse_as_qemus(qemu, tmp_path: Path) -> None:
+    """Zero 4 KiB blocks inside allocated clusters stay holes, as with qemu-img -S 4k."""
+    src = tmp_path / "src.qcow2"
+    qemu.img("create", "-q", "-f", "qcow2", src, "8M")
+    qemu.write(src, [f"write -P {i + 1} {i * 192 * KIB + 8 * KIB} 4k" for i in range(40)])
+    mine, theirs = tmp_path / "mine.raw", tmp_path / "theirs.raw"
+    assert convert(src, mine, output_format="raw") == 40 * 4 * KIB
+    qemu.img("convert", "-f", "qcow2", "-O", "raw", src, theirs)
+    assert mine.read_bytes() == theirs.read_bytes()
+    assert _allocated(mine) <= _allocated(theirs)
