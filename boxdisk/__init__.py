@@ -6,19 +6,28 @@ not where callers must reach.
 
 from ._disk import Disk, DiskFormat
 from ._errors import (
+    AlreadyExistsError,
     BackingChainError,
     BoxdiskError,
     CorruptImageError,
+    DependentsExistError,
     DiskExistsError,
     DiskInUseError,
     ImageError,
     ImageIOError,
     InvalidArgumentError,
+    InvalidNameError,
+    LockTimeoutError,
+    NotFoundError,
     NotQcow2Error,
+    SnapshotInUseError,
+    StoreError,
+    StoreFormatError,
     UnsupportedFeatureError,
 )
 from ._locks import image_in_use
 from .chain import BackingChain, Extent, open_chain
+from .graph import DependencyGraph, GraphNode
 from .image import Qcow2Image, RawImage
 from .ops import (
     CheckReport,
@@ -48,6 +57,7 @@ from .qcow2 import (
     read_header,
     set_backing_file_path,
 )
+from .store import Box, BoxStore, GcReport, Problem, Snapshot, VerifyReport
 
 __version__ = "0.1.0"
 
@@ -55,13 +65,18 @@ __all__ = [
     "DEFAULT_CLUSTER_SIZE",
     "DEFAULT_DISK_SIZE",
     "GUEST_ROOTFS_DISK",
+    "AlreadyExistsError",
     "BackingChain",
     "BackingChainError",
     "BackingFormat",
+    "Box",
+    "BoxStore",
     "BoxdiskError",
     "CheckReport",
     "CompareResult",
     "CorruptImageError",
+    "DependencyGraph",
+    "DependentsExistError",
     "Disk",
     "DiskExistsError",
     "DiskFormat",
@@ -69,13 +84,24 @@ __all__ = [
     "Extent",
     "Finding",
     "FindingKind",
+    "GcReport",
+    "GraphNode",
     "ImageError",
     "ImageIOError",
     "InvalidArgumentError",
+    "InvalidNameError",
+    "LockTimeoutError",
+    "NotFoundError",
     "NotQcow2Error",
+    "Problem",
     "Qcow2Image",
     "RawImage",
+    "Snapshot",
+    "SnapshotInUseError",
+    "StoreError",
+    "StoreFormatError",
     "UnsupportedFeatureError",
+    "VerifyReport",
     "__version__",
     "check",
     "clone_disk_pair",
