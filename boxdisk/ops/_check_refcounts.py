@@ -25,6 +25,7 @@ all table reads together may not exceed a budget proportional to the file size
 from __future__ import annotations
 
 import enum
+import functools
 import os
 import struct
 import sys
@@ -343,6 +344,14 @@ def _read_budget(file_size: int) -> int:
     return file_size + 16 * 1024 * 1024
 
 
+@functools.lru_cache(maxsize=8)
+def _progression(n: int) -> tuple[int, int]:
+    """(sum of 2^(64 i), sum of i * 2^(64 i)) for i < n, as native-order lanes of u64s."""
+    ones = int.from_bytes(array("Q", [1]).tobytes() * n, sys.byteorder)
+    steps = int.from_bytes(array("Q", range(n)).tobytes(), sys.byteorder)
+    return ones, steps
+
+
 def _data_owner(l1_index: int | None, i: int) -> tuple[str, bool]:
     return (f"data cluster of L2 entry {l1_index}/{i}", False)
 
@@ -644,8 +653,9 @@ class Walk:
         fixing = self.fixes is not None and l2 in self.fixes.l2 and m == m_active
         fixes: dict[int, L2Fix] | None = {} if fixing else None
         # check_oflag_copied skips L1 entries of offset 0, which the refcount walk
-        # still follows (to the header cluster).
-        copied = m_active if l2 else 0
+        # still follows (to the header cluster), and the whole table when it cannot
+        # read the refcount of the table's own cluster.
+        copied = m_active if l2 and self.refcount_on_disk(l2 >> self.cb) is not None else 0
         walk = self._l2_extended if self._extended else self._l2_standard
         alloc, frag, comp = walk(t, m, bool(m_active), copied, l1_index, fixes)
         self.allocated += alloc * m_active
@@ -663,6 +673,9 @@ class Walk:
     def _l2_standard(self, t: array[int], m: int, active: bool, copied: int,
                      l1_index: int | None, fixes: dict[int, L2Fix] | None
                      ) -> tuple[int, int, int]:
+        run = self._single_run(t, m, copied, l1_index)
+        if run is not None:
+            return run, 0, 0
         cs, cb, cmask = self.cs, self.cb, self.cs - 1
         flen, imrt, rc_max = self.file_size, self.imrt, self.rc_max
         ondisk, n_od = self.ondisk, len(self.ondisk)
@@ -708,6 +721,47 @@ class Walk:
                 else:
                     self._copied_entry(e, off, i, copied, l1_index)
         return alloc, frag, comp
+
+    def _single_run(self, t: array[int], m: int, copied: int, l1_index: int | None
+                    ) -> int | None:
+        """The common table at C speed: its allocated entries are one run of data clusters
+        (contiguous, in the file, same flags, nothing else in the table), counted once
+        each. Returns how many, or None (nothing done) for any other table."""
+        raw = t.tobytes()
+        body = raw.strip(b"\0")
+        if not body:
+            return None
+        first = (len(raw) - len(raw.lstrip(b"\0"))) // 8
+        n = -(-(len(raw.rstrip(b"\0"))) // 8) - first
+        e0 = t[first]
+        cs, off0 = self.cs, e0 & L2E_OFFSET_MASK
+        k0 = off0 >> self.cb
+        if (e0 & ~(QCOW_OFLAG_COPIED | L2E_OFFSET_MASK) or not off0 or off0 & (cs - 1)
+                or off0 + (n - 1) * cs >= self.file_size or self.trace is not None
+                or m > self.rc_max):
+            return None
+        code = self.imrt.typecode
+        ones, steps = _progression(n)
+        # Lane i of e0 * ones + cs * steps is e0 + i * cs: the run, built as one integer.
+        expected = (e0 * ones + cs * steps).to_bytes(8 * n, sys.byteorder)
+        if raw[8 * first:8 * (first + n)] != expected:
+            return None
+        if self.imrt[k0:k0 + n].count(0) != n:
+            return None  # shared clusters: the per-entry walk counts and reports them
+        if copied and not self._run_copied_ok(e0, k0, n):
+            return None
+        self.imrt[k0:k0 + n] = array(code, [m]) * n
+        del l1_index
+        return n
+
+    def _run_copied_ok(self, e0: int, k0: int, n: int) -> bool:
+        """Whether a run's OFLAG_COPIED flags all agree with the refcounts on disk."""
+        if k0 + n > len(self.ondisk) or any(
+                bi in self.bad_blocks for bi in range(k0 >> self.rb_bits,
+                                                      ((k0 + n - 1) >> self.rb_bits) + 1)):
+            return False
+        ones = self.ondisk[k0:k0 + n].count(1)
+        return ones == n if e0 & QCOW_OFLAG_COPIED else ones == 0
 
     def _l2_extended(self, t: array[int], m: int, active: bool, copied: int,
                      l1_index: int | None, fixes: dict[int, L2Fix] | None

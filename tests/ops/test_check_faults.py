@@ -55,6 +55,8 @@ class Fault:
     same_as_original: bool = True
     #: QEMU's own repair leaves a copy it can read the same way (compare with it).
     qemu_readable: bool = True
+    #: A second repair finds nothing more to do.
+    converges: bool = True
     cluster_sizes: tuple[int, ...] = (512, 4 * KIB, 64 * KIB)
     options: tuple[str, ...] = ()
     ops: tuple[str, ...] = ("write -P 1 0 256k", "write -P 2 1M 64k", "write -c -P 3 2M 64k")
@@ -224,8 +226,9 @@ FAULTS = [
           kinds=frozenset({FindingKind.REFCOUNT_BLOCK_SHARED})),
     # The header read as an L1 table: any repair that rewrites the header (as both
     # QEMU's and boxdisk's do, differently) changes what the guest sees through it.
+    # Nor does a repair of it ever finish: rewriting the header rewrites the "L1 table".
     Fault("l1-on-header", _l1_on_header, clean_after=False, same_as_original=False,
-          qemu_readable=False,
+          qemu_readable=False, converges=False,
           kinds=frozenset({FindingKind.OVERLAPPING_METADATA, FindingKind.RESERVED_BITS})),
     Fault("l2-on-header", _l2_on_header, same_as_original=False,
           kinds=frozenset({FindingKind.OVERLAPPING_METADATA})),
@@ -317,10 +320,11 @@ def test_fault_is_classified_as_qemu_does_and_repaired(qemu, tmp_path, fault, cs
         assert after.clean, [str(f) for f in after.findings]
     else:
         # What no repair can undo stays, and no more of it than QEMU's repair leaves.
-        rc, data = qemu_check(qemu, qemu_copy)
+        _, data = qemu_check(qemu, qemu_copy)
         assert data is not None
         assert 0 < after.corruptions <= data.get("corruptions", 0)
-    assert not after.dirty and not after.corrupt or not after.clean
+    if after.clean:
+        assert not after.dirty and not after.corrupt
     if fault.same_as_original:
         proc = qemu.img("compare", original, broken, check=False)
         assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -330,9 +334,9 @@ def test_fault_is_classified_as_qemu_does_and_repaired(qemu, tmp_path, fault, cs
     else:
         qemu.read_raw(broken, tmp_path)  # boxdisk's repaired image reads back whole
 
-    # A second repair has nothing left to do.
-    again = check(broken, repair="all")
-    assert again.corruptions_fixed == again.leaks_fixed == 0
+    if fault.converges:
+        again = check(broken, repair="all")
+        assert again.corruptions_fixed == again.leaks_fixed == 0
 
 
 @pytest.mark.parametrize("fault", ["refcount-two", "leaked-cluster", "copied-cleared-l2",
@@ -424,7 +428,7 @@ def _repair_killed_after(path: Path, writes: int) -> int:
 
             check_module._Repair._pwrite = pwrite  # type: ignore[method-assign]
             check(path, repair="all")
-        except BaseException:  # noqa: BLE001
+        except BaseException:
             code = 1
         os._exit(code)
     _, status = os.waitpid(pid, 0)
