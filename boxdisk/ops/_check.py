@@ -44,6 +44,9 @@ Repair (``repair="leaks"`` as ``qemu-img check -r leaks``, ``repair="all"`` as
    subcluster bitmap of compressed clusters (which makes them counted).
 4. **Header.** Clear the dirty and corrupt bits when the image now checks clean.
 
+Before phase 1, unknown autoclear feature bits are cleared, as the spec asks of
+any program that changes an image.
+
 A kill at any instant leaves at most leaks, unset OFLAG_COPIED flags (which only
 cost QEMU a copy-on-write) and the problems not yet repaired: never a
 reference to a cluster whose refcount is lower than before, never OFLAG_COPIED
@@ -79,6 +82,7 @@ from boxdisk.format import (
     INCOMPAT_CORRUPT,
     INCOMPAT_DATA_FILE,
     INCOMPAT_DIRTY,
+    KNOWN_AUTOCLEAR,
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
     MAX_HOST_OFFSET,
@@ -122,6 +126,7 @@ _L1_OFFSET, _L1_SIZE = 40, 36
 _RT_OFFSET, _RT_CLUSTERS = 48, 56
 _NB_SNAPSHOTS, _SN_OFFSET = 60, 64
 _INCOMPATIBLE = 72
+_AUTOCLEAR = 88
 
 
 @attrs.define(frozen=True, kw_only=True)
@@ -473,6 +478,8 @@ class _Repair:
         if rebuild:
             self.new_final = self._rebuilt_refcounts(plan)
 
+        self._clear_unknown_autoclear()
+
         def final_rc(k: int) -> int | None:
             """A cluster's refcount once phase 2 is done."""
             if self.new_final is not None:
@@ -634,6 +641,14 @@ class _Repair:
         self.corruptions_fixed += sum(f.count for f in plan.findings
                                       if f.kind in _STRUCTURE_KINDS
                                       and f.table == "refcount table")
+
+    def _clear_unknown_autoclear(self) -> None:
+        """A program that changes an image clears the autoclear bits it does not know
+        (docs/interop/qcow2.txt, "autoclear_features"), before it changes anything."""
+        h = self.h
+        if h.version >= 3 and h.autoclear_features & ~KNOWN_AUTOCLEAR:
+            self._pwrite(struct.pack(">Q", h.autoclear_features & KNOWN_AUTOCLEAR), _AUTOCLEAR)
+            self._sync()
 
     # -- phase 4 -----------------------------------------------------------------------
 

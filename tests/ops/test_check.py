@@ -369,3 +369,23 @@ def test_repair_refuses_an_image_qemu_holds(qemu, tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_check_without_repair_writes_nothing(qemu, tmp_path):
+    path = make_image(qemu, tmp_path / "img.qcow2", ops=("write -P 1 0 256k",))
+    layout = Layout(path)
+    layout.set_refcount((layout.l2_entry(0) & 0x00FF_FFFF_FFFF_FE00) // layout.cs, 0)
+    before = path.read_bytes()
+    report = check(path)
+    assert report.corruptions and path.read_bytes() == before
+
+
+def test_repair_clears_unknown_autoclear_bits(qemu, tmp_path):
+    path = make_image(qemu, tmp_path / "img.qcow2", ops=("write -P 1 0 256k",))
+    layout = Layout(path)
+    layout.put(88, 1 << 5)  # an autoclear bit nobody knows
+    layout.set_refcount((layout.l2_entry(0) & 0x00FF_FFFF_FFFF_FE00) // layout.cs, 2)
+    assert assert_same_as_qemu(qemu, path).leaks == 1
+    assert check(path, repair="all").clean
+    assert layout.u64(88) == 0
+    assert assert_same_as_qemu(qemu, path).clean
