@@ -80,20 +80,18 @@ class _Writer:
     """One thread that performs planned writes, handing each window's buffer back.
 
     The caller takes a buffer with :meth:`buffer`, fills it, and passes it
-    with its writes to :meth:`submit`. When a buffer comes back, its writes
-    are done and the caller starts their writeback (so that work stays off
-    the writer thread, which is the busier one). The first write error stops
-    all further writes (buffers still come back, so the caller never waits
-    forever) and is raised by the next :meth:`buffer`, :meth:`submit` or
-    :meth:`finish`. :meth:`close` must run before the file descriptor is
-    closed.
+    with its writes to :meth:`submit`; the buffer comes back once they are
+    written (and reported to the :class:`Writeback`). The first write error
+    stops all further writes (buffers still come back, so the caller never
+    waits forever) and is raised by the next :meth:`buffer`, :meth:`submit` or
+    :meth:`finish`. :meth:`close` must run before the file descriptor is closed.
     """
 
     def __init__(self, fd: int, writeback: Writeback, buffers: int, size: int) -> None:
         self._fd, self._writeback = fd, writeback
         self._jobs: queue.SimpleQueue[tuple[list[Write], bytearray | None] | None] = (
             queue.SimpleQueue())
-        self._free: queue.SimpleQueue[tuple[bytearray, list[Write]]] = queue.SimpleQueue()
+        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         self._spare = buffers
         self._size = size
         self._error: BaseException | None = None
@@ -111,10 +109,11 @@ class _Writer:
                 try:
                     for offset, data in writes:
                         pwrite_all(self._fd, data, offset)
+                        self._writeback.wrote(offset, len(data))
                 except BaseException as exc:
                     self._error = exc
             if buf is not None:
-                self._free.put((buf, writes))
+                self._free.put(buf)
 
     def _raise(self) -> None:
         if self._error is not None:
@@ -126,10 +125,8 @@ class _Writer:
         if self._spare:
             self._spare -= 1
             return bytearray(self._size)
-        buf, done = self._free.get()
+        buf = self._free.get()
         self._raise()
-        for offset, data in done:
-            self._writeback.wrote(offset, len(data))
         return buf
 
     def submit(self, writes: list[Write], buf: bytearray | None) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import queue
 import secrets
+import threading
 from collections.abc import Callable, Iterator
 from typing import cast
 
@@ -32,15 +34,22 @@ class Writeback:
     """Start writeback of a file's freshly written ranges while the writer goes on.
 
     Every ``step`` contiguous bytes reported, the range is handed to the kernel
-    with ``sync_file_range(SYNC_FILE_RANGE_WRITE)`` (it queues the pages and
-    returns; ``posix_fadvise(DONTNEED)`` where that call is missing), so the
-    final ``fsync`` has little left to wait for. It only schedules: durability
-    and any write error still come from that ``fsync``.
+    with ``sync_file_range(SYNC_FILE_RANGE_WRITE)`` (``posix_fadvise(DONTNEED)``
+    where that call is missing), so the final ``fsync`` has little left to wait
+    for. The calls run on a thread of their own, since submitting the pages
+    costs CPU that neither the reader nor the writer should wait on. It only
+    schedules: durability and any write error still come from that ``fsync``.
+
+    Lifecycle: :meth:`close` (idempotent) stops the thread, dropping what is
+    still queued; it must run before the file descriptor is closed.
     """
 
     def __init__(self, fd: int, step: int = 4 * 1024 * 1024) -> None:
         self._fd, self._step = fd, step
         self._start = self._end = 0
+        self._queue: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._closed = False
 
     def wrote(self, offset: int, length: int) -> None:
         """Account ``length`` bytes written at ``offset``; maybe start their writeback."""
@@ -54,13 +63,33 @@ class Writeback:
     def _kick(self) -> None:
         start, n = self._start, self._end - self._start
         self._start = self._end
-        if n <= 0:
+        if n <= 0 or self._closed:
             return
-        if _sync_file_range is not None:
-            _sync_file_range(self._fd, start, n, _SYNC_FILE_RANGE_WRITE)
-        else:
-            with contextlib.suppress(OSError):
-                os.posix_fadvise(self._fd, start, n, os.POSIX_FADV_DONTNEED)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="boxdisk-writeback",
+                                            daemon=True)
+            self._thread.start()
+        self._queue.put((start, n))
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None or self._closed:
+                return
+            start, n = item
+            if _sync_file_range is not None:
+                _sync_file_range(self._fd, start, n, _SYNC_FILE_RANGE_WRITE)
+            else:
+                with contextlib.suppress(OSError):
+                    os.posix_fadvise(self._fd, start, n, os.POSIX_FADV_DONTNEED)
+
+    def close(self) -> None:
+        """Stop the thread (queued ranges are dropped: the caller's fsync covers them)."""
+        self._closed = True
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join()
 
 
 def _fsync_dir(directory: str) -> None:
@@ -116,9 +145,11 @@ def atomic_output(dst: str, *, overwrite: bool) -> Iterator[tuple[int, Writeback
         msg = f"cannot create a temporary file in {directory!r}: {exc.strerror}"
         raise ImageIOError(msg, path=dst, field="dst") from exc
     done = False
+    writeback = Writeback(fd)
     try:
         try:
-            yield fd, Writeback(fd)
+            yield fd, writeback
+            writeback.close()
             os.fsync(fd)
             _move_into_place(tmp, dst, overwrite=overwrite)
             done = True
@@ -129,6 +160,7 @@ def atomic_output(dst: str, *, overwrite: bool) -> Iterator[tuple[int, Writeback
             msg = f"writing {tmp!r} into place failed: {exc.strerror}"
             raise ImageIOError(msg, path=dst, field="dst") from exc
     finally:
+        writeback.close()
         os.close(fd)
         if not done:
             with contextlib.suppress(FileNotFoundError):
