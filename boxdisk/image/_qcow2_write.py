@@ -11,10 +11,13 @@ are batched in memory and reach the file in :meth:`Qcow2Writer.flush` (or
 earlier, when the batch grows large) in this order, each step durable before
 the next one relies on it — the dependencies QEMU's metadata caches enforce:
 
-1. the file is extended over every new cluster; new L2 tables, every changed
-   refcount block and (when it moved) the new refcount table are written;
-   fsync. Guest data written into new clusters is made durable by this same
-   fsync: nothing references it yet.
+1. the file is extended over every new cluster, and its length made durable
+   (fsync) before anything counts a cluster in it: ``qemu-img check`` never
+   looks at refcounts past the end of the file, so a count there would be a
+   leak nobody could see or repair until the file grew over it. Then new L2
+   tables, every changed refcount block and (when it moved) the new refcount
+   table are written; fsync. Guest data written into new clusters is made
+   durable by these fsyncs: nothing references it yet.
 2. refcount table entries pointing at new refcount blocks — or, when the table
    moved, the header's pointer to it (one 12-byte write inside sector 0); fsync.
 3. L2 entries of existing tables (now pointing only at counted, durable clusters);
@@ -218,6 +221,7 @@ class Qcow2Writer(WritableImage):
         self._cache_max = max(4, cache_bytes // cs)
         self._dirty_max = max(4, _DIRTY_LIMIT // cs)
         self._file_end = self.file_size
+        self._synced_end = self.file_size  # the file length known to be durable
         self._zeros = bytes(cs)
 
         # Host clusters holding metadata: never handed out, never written as data.
@@ -365,11 +369,13 @@ class Qcow2Writer(WritableImage):
         self._file_end = max(self._file_end, offset + done)
 
     def _fsync(self) -> None:
+        end = self._file_end
         try:
             os.fsync(self._fd)
         except OSError as exc:
             msg = f"fsync failed: {exc.strerror}"
             raise ImageIOError(msg, path=self.path, field="fsync") from exc
+        self._synced_end = end
 
     def _truncate(self, length: int) -> None:
         try:
@@ -925,9 +931,12 @@ class Qcow2Writer(WritableImage):
 
     def _commit_steps(self) -> None:
         cs = self.cluster_size
-        # 1. New clusters exist; new L2 tables, changed refcount blocks, a moved table.
+        # 1. New clusters exist, durably; then new L2 tables, changed refcount blocks,
+        #    a moved table.
         if self._file_end < self._end * cs:
             self._truncate(self._end * cs)
+        if self._synced_end < self._end * cs:
+            self._fsync()
         for off, idx in self._l2d_idx.items():
             if idx is None:
                 self._pwrite(_be64(self._l2d[off]), off)

@@ -34,9 +34,10 @@ import pytest
 from boxdisk.chain import open_chain
 from boxdisk.format import parse_header
 from boxdisk.image._qcow2_write import Qcow2Writer
+from boxdisk.ops import check
 
 from .crash_worker import apply, operations, run
-from .helpers import KIB, MIB, assert_not_corrupt, create
+from .helpers import KIB, MIB, assert_clean, assert_not_corrupt, create
 
 pytestmark = pytest.mark.qemu
 
@@ -135,16 +136,20 @@ def _assert_sectors_from(got: bytes, versions: list[bytes], where: str) -> None:
 def _judge(qemu: Any, image: Path, tmp: Path, states: list[bytes] | None, flushed: int,
            started: int, where: str) -> None:
     """No corruption; every sector from the states after op ``flushed`` to op ``started``."""
-    assert_not_corrupt(qemu, image)
+    leaks = assert_not_corrupt(qemu, image).get("leaks", 0)
     if states is not None:
         got = qemu.read_raw(image, tmp)
         _assert_sectors_from(got, states[flushed + 1 : started + 2], where)
-    # boxdisk goes on writing to the crashed image: leaks stay leaks, nothing corrupts.
+    # boxdisk's own check agrees, and its leak repair makes the image clean.
+    report = check(image, repair="leaks")
+    assert report.corruptions == 0 and report.leaks_fixed == leaks, (where, report)
+    assert_clean(qemu, image)
+    # boxdisk goes on writing to the repaired image, and it stays clean.
     with open_chain(image, writable=True) as chain:
         chain.write(0, b"after the crash")
         chain.discard(0, chain.size)
         chain.write_zeroes(chain.size // 3, chain.top.cluster_size)
-    assert_not_corrupt(qemu, image)
+    assert_clean(qemu, image)
 
 
 def _apply_io(image: bytearray, entry: tuple[Any, ...], keep: Any = None) -> None:
