@@ -130,8 +130,10 @@ class Qcow2Image(Image):
                    f"end of the {self.file_size}-byte file")
             raise CorruptImageError(msg, path=path, field="l1_table_offset",
                                     value=h.l1_table_offset)
-        self._l1_raw = self._pread_exact(h.l1_table_offset, l1_bytes, "L1 table")
-        self._l1 = unpack_u64_table(self._l1_raw)
+        self._l1 = unpack_u64_table(self._pread_exact(h.l1_table_offset, l1_bytes, "L1 table"))
+        # The table's own bytes for the zero-entry scan (zero in either byte order): one
+        # copy of an L1 table of up to 32 MiB per image, not two.
+        self._l1_raw = memoryview(self._l1).cast("B")
         rt_bytes = h.refcount_table_clusters * cs
         # Host ranges no L2 table or data cluster may overlap: header, L1, refcount table.
         self._metadata = (

@@ -10,6 +10,7 @@ window; :meth:`finish` returns the closing metadata writes.
 from __future__ import annotations
 
 import os
+import sys
 from array import array
 
 from boxdisk.format import (
@@ -151,7 +152,11 @@ class QcowSink:
         l1_bytes = len(self._l1) * 8
         l1_clusters = -(-l1_bytes // cs)
         if l1_bytes:
-            writes.append((l1_offset, memoryview(pack_u64_table(self._l1))))
+            # Big-endian in place (the table is final): an L1 table of up to 32 MiB is
+            # not copied twice more on its way out.
+            if sys.byteorder == "little":
+                self._l1.byteswap()
+            writes.append((l1_offset, memoryview(self._l1).cast("B")))
         used = l1_offset // cs + l1_clusters
         per_block = cs * 8 >> _REFCOUNT_ORDER
         rt_clusters, rb_count = 1, 1
