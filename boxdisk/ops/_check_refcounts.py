@@ -78,6 +78,9 @@ MAX_FINDINGS = 10_000
 _MAX_TRACED = 256
 #: QEMU's check refuses files of more clusters than this (``-EFBIG``).
 _MAX_CLUSTERS = (1 << 31) - 1
+#: The two refcount arrays (computed and on disk) together: 1 GiB each, e.g. 2^29
+#: clusters at 16 bits (2 TiB of 4 KiB clusters). A larger, sparse file is refused.
+_MAX_ARRAY_BYTES = 2 << 30
 _INT64_MAX = (1 << 63) - 1
 _ALL_ALLOC = 0xFFFF_FFFF
 _ALL_ZERO = _ALL_ALLOC << 32
@@ -107,8 +110,7 @@ def typecode(order: int) -> str:
 
 def zeros(order: int, count: int) -> array[int]:
     """``count`` zero refcounts."""
-    code = _TYPECODES[order]
-    return array(code, bytes(count * array(code).itemsize))
+    return array(_TYPECODES[order], [0]) * count
 
 
 def decode_block(raw: bytes, order: int) -> array[int]:
@@ -417,6 +419,12 @@ class Walk:
             msg = (f"file of {self.nb} clusters is too large to check "
                    f"(QEMU's check stops at {_MAX_CLUSTERS})")
             raise UnsupportedFeatureError(msg, path=path, field="file size", value=file_size)
+        need = 2 * (self.nb + 1) * array(typecode(self.order)).itemsize
+        if need > _MAX_ARRAY_BYTES:
+            msg = (f"checking a file of {self.nb} clusters with {h.refcount_bits}-bit "
+                   f"refcounts needs {need} bytes of refcount arrays, over boxdisk's "
+                   f"{_MAX_ARRAY_BYTES}")
+            raise UnsupportedFeatureError(msg, path=path, field="file size", value=file_size)
         self.snapshots, self.snapshots_size = snapshots, snapshots_size
         self.fixes = fixes
         self.trace: dict[int, list[tuple[str, bool]]] | None = (
@@ -546,20 +554,18 @@ class Walk:
         self.rt_entries = entries
         need = self.nb + 1  # the check may count one cluster past a partial last one
         blocks = -(-need // self.per_block)
-        parts: list[bytes] = []
+        ondisk = array(typecode(self.order))
         zero_block = zeros(self.order, self.per_block).tobytes()
         for bi in range(blocks):
             raw = self.reftable[bi] if bi < len(self.reftable) else 0
             off = raw & REFT_OFFSET_MASK
             if not off:
-                parts.append(zero_block)
+                ondisk.frombytes(zero_block)
             elif off & (cs - 1) or off > _INT64_MAX:  # QEMU cannot read it: EIO
                 self.bad_blocks.add(bi)
-                parts.append(zero_block)
+                ondisk.frombytes(zero_block)
             else:
-                parts.append(decode_block(self.read(off, cs), self.order).tobytes())
-        ondisk = array(typecode(self.order))
-        ondisk.frombytes(b"".join(parts))
+                ondisk.extend(decode_block(self.read(off, cs), self.order))
         del ondisk[need:]
         self.ondisk = ondisk
 
