@@ -1021,7 +1021,8 @@ class Qcow2Writer(WritableImage):
 
         Growing where the layers below reach past the old end first zeroes
         that range, as QEMU's truncate does, so old backing data never
-        appears. Shrinking is refused (InvalidArgumentError) when a cluster
+        appears; a version 2 image (no zero flag) is then refused, as QEMU
+        refuses it (UnsupportedFeatureError). Shrinking is refused (InvalidArgumentError) when a cluster
         past the new end holds data; the tail's now unreachable clusters are
         freed. Durable on return.
         """
@@ -1052,6 +1053,11 @@ class Qcow2Writer(WritableImage):
         if needed * 8 > MAX_L1_BYTES:
             msg = f"new size {new_size} needs an L1 table over QEMU's 32 MiB limit"
             raise InvalidArgumentError(msg, path=self.path, field="size", value=new_size)
+        if not self._v3 and self._below_size > self.size:
+            # QEMU: "Failed to zero out new clusters: Operation not supported".
+            msg = ("cannot grow a version 2 image over a longer backing file: without the "
+                   "zero flag the backing file's bytes past the old end would show")
+            raise UnsupportedFeatureError(msg, path=self.path, field="size", value=new_size)
         if needed > len(self._l1):
             # QEMU's qcow2_grow_l1_table: the new table and its refcounts are durable
             # before the header switches to it; the old table is freed afterwards.
