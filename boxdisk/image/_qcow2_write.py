@@ -1022,9 +1022,9 @@ class Qcow2Writer(WritableImage):
         Growing where the layers below reach past the old end first zeroes
         that range, as QEMU's truncate does, so old backing data never
         appears; a version 2 image (no zero flag) is then refused, as QEMU
-        refuses it (UnsupportedFeatureError). Shrinking is refused (InvalidArgumentError) when a cluster
-        past the new end holds data; the tail's now unreachable clusters are
-        freed. Durable on return.
+        refuses it (UnsupportedFeatureError). Shrinking is refused
+        (InvalidArgumentError) when a cluster past the new end holds data; the
+        tail's now unreachable clusters are freed. Durable on return.
         """
         self._check_open()
         if not isinstance(new_size, int) or new_size < 0 or new_size % 512:
