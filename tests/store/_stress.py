@@ -66,7 +66,7 @@ def main() -> int:
                 counts[f"{op}:ok"] += 1
             except REFUSALS as exc:
                 counts[f"{op}:{type(exc).__name__}"] += 1
-            except Exception:  # noqa: BLE001 - anything else fails the test, with its traceback
+            except Exception:  # anything else fails the test, with its traceback
                 print(f"worker {seed} op {i} {op}({box!r}, {other!r}, {snap!r}) failed:",
                       file=sys.stderr)
                 traceback.print_exc()

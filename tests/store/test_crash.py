@@ -22,8 +22,10 @@ from typing import Any
 import attrs
 import pytest
 
+from boxdisk import read_backing_file_path
 from boxdisk.store import BoxStore
 from boxdisk.store._journal import CRASH_ENV, TRACE_ENV
+from tests.conftest import Qemu
 
 from .helpers import (
     MIB,
@@ -195,8 +197,6 @@ def _check_add_base(qemu: Any, store: BoxStore, tmp: Path) -> None:
 
 
 def read_backing(path: Path) -> str | None:
-    from boxdisk import read_backing_file_path
-
     return read_backing_file_path(path)
 
 
@@ -231,8 +231,6 @@ SCENARIOS = {
 
 def reads_b1(store: BoxStore) -> bool:
     """Whether vm's live disk still reads B (not restored)."""
-    from tests.conftest import Qemu
-
     return reads(Qemu(), _box(store, "vm") / "disk.qcow2", 0xB1, 2 * MIB)
 
 
