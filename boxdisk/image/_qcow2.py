@@ -24,6 +24,7 @@ from boxdisk.format import (
     INCOMPAT_CORRUPT,
     INCOMPAT_DATA_FILE,
     INCOMPAT_DIRTY,
+    L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
     L2E_STD_RESERVED_MASK,
     MIN_HEADER_PROBE,
@@ -134,6 +135,7 @@ class Qcow2Image(Image):
         # The table's own bytes for the zero-entry scan (zero in either byte order): one
         # copy of an L1 table of up to 32 MiB per image, not two.
         self._l1_raw = memoryview(self._l1).cast("B")
+        self._l1_checked = bytearray(len(self._l1))  # entries validated once, 1 byte each
         rt_bytes = h.refcount_table_clusters * cs
         # Host ranges no L2 table or data cluster may overlap: header, L1, refcount table.
         self._metadata = (
@@ -212,6 +214,8 @@ class Qcow2Image(Image):
         raw = self._l1[l1_index]
         if raw == 0:
             return 0
+        if self._l1_checked[l1_index]:
+            return raw & L1E_OFFSET_MASK
         where = f"L1 entry {l1_index}"
         offset = L1Entry.decode(raw, cluster_size=self.cluster_size, source=self.path,
                                 where=where).l2_offset
@@ -220,6 +224,7 @@ class Qcow2Image(Image):
             if offset + self.cluster_size > self.file_size:
                 msg = f"{where}: L2 table at 0x{offset:x} runs past the end of the file"
                 raise CorruptImageError(msg, path=self.path, field=where, value=offset)
+        self._l1_checked[l1_index] = 1
         return offset
 
     def l2_table(self, l1_index: int) -> array[int] | None:
@@ -333,6 +338,9 @@ class Qcow2Image(Image):
              precise: bool = True) -> Iterator[Run]:
         """Runs of this file's own clusters over ``[offset, offset + length)``, coalesced."""
         length = self._check_range(offset, length)
+        if length and (offset ^ (offset + length - 1)) >> self.cluster_bits == 0:
+            # Within one cluster (a typical guest read) there is nothing to coalesce.
+            return (Run(*raw) for raw in self._raw_runs(offset, offset + length))
         return coalesce(self._raw_runs(offset, offset + length))
 
     def _raw_runs(self, start: int, end: int) -> Iterator[RawRun]:
