@@ -166,9 +166,21 @@ class DependentsExistError(StoreError):
                  path: str | os.PathLike[str] | None = None, field: str | None = None,
                  value: Any = None) -> None:
         self.dependents = dependents
+        self.reason = message
         if dependents:
             message = f"{message}: depended on by {', '.join(dependents)}"
         super().__init__(message, path=path, field=field, value=value)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keep the dependents (and a message without them doubled) across processes.
+        return (_rebuild_dependents,
+                (type(self), self.reason, self.dependents, self.path, self.field, self.value))
+
+
+def _rebuild_dependents(cls: type[DependentsExistError], reason: str,
+                        dependents: tuple[str, ...], path: str | None, field: str | None,
+                        value: Any) -> DependentsExistError:
+    return cls(reason, dependents=dependents, path=path, field=field, value=value)
 
 
 class SnapshotInUseError(DependentsExistError):

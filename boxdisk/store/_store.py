@@ -1187,8 +1187,15 @@ class BoxStore:
         steps = []
         for p in sorted(own):
             node = graph.node(p)
+            # The data streamed into the dependents comes from chains confined to the store.
+            with open_chain(p, allowed_roots=self._roots):
+                pass
             target = None if node.backing is None else lay.rel(node.backing)
             for dep in sorted(graph.direct_dependents(p) - own):
+                if not lay.under_root(dep):
+                    msg = f"dependent {dep!r} lies outside the store; merge it by hand"
+                    raise SnapshotInUseError(msg, path=sdir, field="snapshot",
+                                             value=sdir.name, dependents=(dep,))
                 ensure_not_in_use(dep, "merge the snapshot into it")
                 writable = bool(os.stat(dep).st_mode & 0o200)
                 steps.append({"image": lay.rel(dep), "target": target,

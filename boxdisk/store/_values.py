@@ -6,6 +6,9 @@ from pathlib import Path
 
 import attrs
 
+from boxdisk._disk import Disk, DiskFormat
+from boxdisk._errors import NotFoundError
+
 __all__ = ["Box", "GcReport", "Problem", "Snapshot", "VerifyReport"]
 
 
@@ -51,6 +54,18 @@ class Box:
     host_bytes: int
     created: float
     clone_of: str | None = None
+
+    def open_disk(self, *, guest: bool = False) -> Disk:
+        """A handle on a live disk; persistent: closing it never deletes the store's file.
+
+        The store owns its disks; a launcher that wants an ephemeral disk asks
+        for an ephemeral box (:meth:`BoxStore.ephemeral_box`).
+        """
+        path = self.guest_disk if guest else self.disk
+        if path is None:
+            msg = f"box {self.id!r} has no guest disk"
+            raise NotFoundError(msg, path=self.dir, field="guest_disk", value=None)
+        return Disk(path, DiskFormat.QCOW2, persistent=True)
 
 
 @attrs.define(frozen=True)
