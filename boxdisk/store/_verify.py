@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from boxdisk._errors import BoxdiskError, NotFoundError, StoreError
+from boxdisk._locks import image_in_use
 from boxdisk.chain import open_chain
 from boxdisk.graph import DependencyGraph
 from boxdisk.ops import check
@@ -44,14 +45,17 @@ class Verifier:
         self.store = store
         self.lay = store._layout
         self.problems: list[Problem] = []
+        self.in_flight: list[str] = []
+        self.live_opids: set[str] = set()
+        self.images: list[str] = []
+        self.boxes: list[str] = []
 
     def add(self, path: str | os.PathLike[str], kind: str, message: str) -> None:
         self.problems.append(Problem(os.fspath(path), kind, message))
 
-    def run(self) -> VerifyReport:
+    def structure(self) -> None:
+        """Everything but the images' contents: run under the store lock (a stable tree)."""
         store = self.store
-        in_flight: list[str] = []
-        live_opids: set[str] = set()
         for name in sorted(store._journal.names()):
             record = store._journal.load(name)
             if record is None:
@@ -62,22 +66,29 @@ class Verifier:
                              f"{record.op} {record.opid} was interrupted; reopening the store "
                              f"or gc() recovers it")
                 else:
-                    in_flight.append(f"{record.op} {record.opid}")
-                    live_opids.add(record.opid)
-        images = store._images()
-        graph = DependencyGraph.scan(images)
-        self.check_graph(graph)
-        for path in images:
-            self.check_image(path)
-        boxes = store.list_boxes()
-        for box_id in boxes:
+                    self.in_flight.append(f"{record.op} {record.opid}")
+                    self.live_opids.add(record.opid)
+        self.images = store._images()
+        self.check_graph(DependencyGraph.scan(self.images))
+        for path in self.images:
+            self.check_chain(path)
+        self.boxes = store.list_boxes()
+        for box_id in self.boxes:
             self.check_box(box_id)
         self.check_bases()
         self.check_clones()
-        for p in store._leftovers(live_opids):
+        for p in store._leftovers(self.live_opids):
             self.add(p, "leftover", "left behind by an interrupted operation; gc() removes it")
-        return VerifyReport(images=len(images), boxes=len(boxes),
-                            problems=tuple(self.problems), in_flight=tuple(in_flight))
+
+    def contents(self) -> None:
+        """``check`` every image: outside the store lock, as it reads every table."""
+        for path in self.images:
+            self.check_image(path)
+
+    def report(self) -> VerifyReport:
+        """What was found."""
+        return VerifyReport(images=len(self.images), boxes=len(self.boxes),
+                            problems=tuple(self.problems), in_flight=tuple(self.in_flight))
 
     def check_graph(self, graph: DependencyGraph) -> None:
         for node in graph:
@@ -93,16 +104,24 @@ class Verifier:
         for cycle in graph.cycles():
             self.add(cycle[0], "cycle", "backing files form a cycle: " + " -> ".join(cycle))
 
-    def check_image(self, path: str) -> None:
+    def check_chain(self, path: str) -> None:
         try:
             with open_chain(path, allowed_roots=self.store._roots):
                 pass
         except BoxdiskError as exc:
             self.add(path, "chain", f"chain does not open: {exc}")
+
+    def check_image(self, path: str) -> None:
+        if not os.path.exists(path):
+            return  # removed (or moved) by an operation since the tree was read
+        if image_in_use(path):
+            self.in_flight.append(f"image in use, not checked: {path}")
+            return
         try:
             report = check(path)
         except BoxdiskError as exc:
-            self.add(path, "check", f"check failed: {exc}")
+            if os.path.exists(path):
+                self.add(path, "check", f"check failed: {exc}")
             return
         if report.corruptions or report.leaks or report.check_errors:
             self.add(path, "check", f"{report.corruptions} corruptions, {report.leaks} leaks, "
