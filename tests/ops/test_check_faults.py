@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -508,3 +509,18 @@ def test_misaligned_tables_past_the_read_budget(qemu, tmp_path):
     with pytest.raises(check_module.CorruptImageError) as err:
         check(path)
     assert err.value.path == str(path) and err.value.field == "tables"
+
+
+def test_huge_sparse_file_is_refused_without_allocating(qemu, tmp_path):
+    path = make_image(qemu, tmp_path / "img.qcow2", cluster=512, ops=("write -P 1 0 4k",))
+    with open(path, "r+b") as f:
+        f.truncate(300 << 30)  # 600 Mi clusters of 512 bytes: 2.4 GiB of refcount arrays
+    tracemalloc.start()
+    try:
+        with pytest.raises(check_module.UnsupportedFeatureError) as err:
+            check(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert err.value.path == str(path) and err.value.field == "file size"
+    assert peak < 16 << 20
