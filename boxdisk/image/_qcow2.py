@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -31,13 +32,13 @@ from boxdisk.format import (
     QCOW_OFLAG_COMPRESSED,
     QCOW_OFLAG_COPIED,
     QCOW_OFLAG_ZERO,
+    REFT_OFFSET_MASK,
     L1Entry,
     L2Entry,
     Qcow2Header,
     cluster_size_of,
     decode_refcount_table_entry,
     parse_header,
-    unpack_refcount_block,
     unpack_u64_table,
 )
 
@@ -151,7 +152,7 @@ class Qcow2Image(Image):
         self.set_l2_cache_bytes(l2_cache_bytes)
         self._reftable: array[int] | None = None
         self._metadata_preallocation: bool | None = None
-        self._rb_cache: OrderedDict[int, list[int]] = OrderedDict()
+        self._rb_cache: OrderedDict[int, _RefcountBlock] = OrderedDict()
         self._zcache: tuple[int, bytes] | None = None
 
     def _check_features(self, h: Qcow2Header, trust_refcounts: bool) -> None:
@@ -258,26 +259,32 @@ class Qcow2Image(Image):
         per_block = self.cluster_size * 8 >> self.header.refcount_order
         rt_index, rb_index = divmod(cluster_index, per_block)
         block = self._refcount_block(rt_index)
-        return 0 if block is None else block[rb_index]
+        return 0 if block is None else block.get(rb_index)
 
-    def _refcount_block(self, rt_index: int) -> list[int] | None:
-        """Refcount block ``rt_index``, unpacked (a small LRU), or None where there is none."""
-        h, cs = self.header, self.cluster_size
+    def _reftable_words(self) -> array[int]:
         if self._reftable is None:
+            h = self.header
             self._reftable = unpack_u64_table(self._pread_exact(
-                h.refcount_table_offset, h.refcount_table_clusters * cs, "refcount table"))
-        if rt_index >= len(self._reftable):
+                h.refcount_table_offset, h.refcount_table_clusters * self.cluster_size,
+                "refcount table"))
+        return self._reftable
+
+    def _refcount_block(self, rt_index: int) -> _RefcountBlock | None:
+        """Refcount block ``rt_index`` (a small LRU of raw blocks), or None where there is none."""
+        cs = self.cluster_size
+        reftable = self._reftable_words()
+        if rt_index >= len(reftable):
             return None
         where = f"refcount table entry {rt_index}"
         block_offset = decode_refcount_table_entry(
-            self._reftable[rt_index], cluster_size=cs, source=self.path, where=where)
+            reftable[rt_index], cluster_size=cs, source=self.path, where=where)
         if block_offset == 0:
             return None
         block = self._rb_cache.get(block_offset)
         if block is None:
             self._check_host_range(block_offset, block_offset + cs, where, "refcount block")
-            raw = self._pread_exact(block_offset, cs, where)
-            block = unpack_refcount_block(raw, h.refcount_order)
+            block = _RefcountBlock(self._pread_exact(block_offset, cs, where),
+                                   self.header.refcount_order)
             self._rb_cache[block_offset] = block
             if len(self._rb_cache) > 8:
                 self._rb_cache.popitem(last=False)
@@ -300,27 +307,33 @@ class Qcow2Image(Image):
         return self._metadata_preallocation
 
     def _detect_metadata_preallocation(self) -> bool:
+        # As qcow2_get_refcount reads them: reserved bits masked off, a misaligned
+        # block an error (the answer is then False), bytes past the file's end zero.
         cs = self.cluster_size
         try:
             real_allocation = os.fstat(self.fd).st_blocks * 512
-        except OSError:
+            reftable = self._reftable_words()
+        except (OSError, CorruptImageError):
             return False
         real_clusters = real_allocation // cs
         threshold = max(real_clusters * 10 // 9, real_clusters + 2)
         end_cluster = -(-self.file_size // cs)
         per_block = cs * 8 >> self.header.refcount_order
         referenced = 0
-        try:
-            for rt_index in range(-(-end_cluster // per_block)):
-                if referenced >= threshold:
-                    break
-                block = self._refcount_block(rt_index)
-                if block is None:
-                    continue
-                n = min(per_block, end_cluster - rt_index * per_block)
-                referenced += n - block[:n].count(0)
-        except CorruptImageError:
-            return False
+        for rt_index in range(min(len(reftable), -(-end_cluster // per_block))):
+            if referenced >= threshold:
+                break
+            block_offset = reftable[rt_index] & REFT_OFFSET_MASK
+            if block_offset == 0:
+                continue
+            if block_offset & (cs - 1):
+                return False
+            try:
+                raw = os.pread(self.fd, cs, block_offset)
+            except OSError:
+                return False
+            block = _RefcountBlock(raw + bytes(cs - len(raw)), self.header.refcount_order)
+            referenced += block.count_nonzero(min(per_block, end_cluster - rt_index * per_block))
         return referenced >= threshold
 
     def host_data_extents(self, host_offset: int,
@@ -528,3 +541,60 @@ class Qcow2Image(Image):
         )
         self._zcache = (coffset, out)
         return out
+
+
+class _RefcountBlock:
+    """One refcount block kept as its raw bytes (``cluster_size`` of them, never a list).
+
+    Widths of a byte or more are read through an array of that width; 1-, 2-
+    and 4-bit refcounts are packed LSB first (QEMU's get_refcount_ro0..ro2).
+    """
+
+    __slots__ = ("_bits", "_order", "_values")
+
+    def __init__(self, raw: bytes, refcount_order: int) -> None:
+        self._order = refcount_order
+        self._bits = 1 << refcount_order
+        code = _RC_ARRAY_CODES.get(refcount_order)
+        if code is None:
+            self._values: bytes | array[int] = raw
+        else:
+            values = array(code)
+            values.frombytes(raw)
+            if sys.byteorder == "little":
+                values.byteswap()
+            self._values = values
+
+    def get(self, index: int) -> int:
+        """Refcount ``index`` of the block."""
+        if self._order >= 3:
+            return self._values[index]
+        per_byte = 8 >> self._order
+        byte = self._values[index // per_byte]
+        return (byte >> (index % per_byte * self._bits)) & ((1 << self._bits) - 1)
+
+    def count_nonzero(self, n: int) -> int:
+        """How many of the first ``n`` refcounts are not zero (at C speed)."""
+        if self._order >= 3:
+            return n - self._values[:n].count(0)
+        per_byte = 8 >> self._order
+        full, rest = divmod(n, per_byte)
+        raw = self._values
+        assert isinstance(raw, bytes)
+        fields = raw[:full].translate(_NONZERO_FIELDS[self._order])
+        total = sum(k * fields.count(k) for k in range(1, per_byte + 1))
+        return total + sum(1 for i in range(full * per_byte, full * per_byte + rest) if self.get(i))
+
+
+_RC_ARRAY_CODES = {3: "B", 4: "H", 5: "I", 6: "Q"}
+for _code, _width in (("H", 2), ("I", 4), ("Q", 8)):
+    assert array(_code).itemsize == _width
+
+#: For 1-, 2- and 4-bit refcounts: how many fields of each byte value are not zero.
+_NONZERO_FIELDS = {
+    order: bytes(
+        sum(1 for i in range(8 >> order) if (b >> (i << order)) & ((1 << (1 << order)) - 1))
+        for b in range(256)
+    )
+    for order in (0, 1, 2)
+}

@@ -11,6 +11,7 @@ import random
 import struct
 import subprocess
 import sys
+import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from boxdisk.format import (
     compressed_geometry,
 )
 from boxdisk.image import Qcow2Image, RawImage, RunKind, _compress
+
+from ..chain.chains import qemu_map
 
 pytestmark = pytest.mark.qemu
 
@@ -501,3 +504,40 @@ def test_refusals_hold_through_a_chain(qemu, tmp_path: Path) -> None:
     with pytest.raises(CorruptImageError, match="corrupt") as info2:
         BackingChain.open(top)
     assert info2.value.path == str(top)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8, 16, 32, 64])
+def test_refcounts_of_every_width(qemu, tmp_path: Path, bits: int) -> None:
+    """Refcount blocks of every width read as QEMU wrote them (LSB first below a byte)."""
+    img = Img(qemu, tmp_path, "-o", f"refcount_bits={bits}")
+    if bits > 1:
+        qemu.img("snapshot", "-c", "s1", img.path)
+    data = img.data_offset // CS
+    with Qcow2Image.open(img.path) as q:
+        assert q.refcount(0) == 1
+        assert q.refcount(data) == (2 if bits > 1 else 1)
+        assert q.refcount(img.size // CS + 1000) == 0
+    # Whether QEMU takes it for metadata-preallocated shows in its map.
+    with BackingChain.open(img.path) as chain:
+        assert [e.as_qemu_json() for e in chain.map()] == qemu_map(qemu, img.path)
+    pre = tmp_path / "pre.qcow2"
+    qemu.img("create", "-q", "-f", "qcow2", "-o", f"preallocation=metadata,refcount_bits={bits}",
+             pre, "8M")
+    with Qcow2Image.open(pre) as q:
+        assert q.metadata_preallocation
+
+
+def test_huge_refcount_blocks_stay_bytes(qemu, tmp_path: Path) -> None:
+    """2 MiB clusters of 1-bit refcounts: 16 Mi refcounts per block, never a Python list."""
+    path = tmp_path / "big.qcow2"
+    qemu.img("create", "-q", "-f", "qcow2", "-o", "cluster_size=2M,refcount_bits=1", path, "64M")
+    qemu.write(path, ["write -P 1 0 4M"])
+    tracemalloc.start()
+    try:
+        with Qcow2Image.open(path) as q:
+            assert not q.metadata_preallocation
+            assert q.refcount(0) == 1
+            _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 1024 * 1024, peak
