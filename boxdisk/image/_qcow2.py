@@ -330,7 +330,7 @@ class Qcow2Image(Image):
                 return False
             try:
                 raw = os.pread(self.fd, cs, block_offset)
-            except OSError:
+            except (OSError, OverflowError):  # OverflowError: at 2^63 or more, unreadable
                 return False
             block = _RefcountBlock(raw + bytes(cs - len(raw)), self.header.refcount_order)
             referenced += block.count_nonzero(min(per_block, end_cluster - rt_index * per_block))
