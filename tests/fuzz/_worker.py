@@ -106,17 +106,21 @@ def _op_header(path: Path, roots: list[Path], out: Path) -> Any:
 
 
 def _op_repair(path: Path, roots: list[Path], out: Path) -> Any:
-    """Repair a copy (``check(repair="all")``), then check and read the result."""
+    """Repair a copy (``check(repair="all")``), then check and read the result.
+
+    The copy sits beside the image, so its relative backing name still resolves.
+    """
+    copy = path.with_name(f".repaired-{path.name}")
     try:
-        shutil.copyfile(path, out)
-        repaired = check(out, repair="all")
-        after = check(out)
-        with BackingChain.open(out, allowed_roots=roots) as chain:
+        shutil.copyfile(path, copy)
+        repaired = check(copy, repair="all")
+        after = check(copy)
+        with BackingChain.open(copy, allowed_roots=roots) as chain:
             _read_extents(chain)
         return repaired.exit_code, after.exit_code
     finally:
-        if out.exists():
-            out.unlink()
+        if copy.exists():
+            copy.unlink()
 
 
 def _op_verify(path: Path, roots: list[Path], out: Path) -> Any:

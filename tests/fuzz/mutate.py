@@ -52,6 +52,7 @@ class Layout:
     rt_slots: tuple[int, ...]
     refblocks: tuple[int, ...]
     data: tuple[int, ...]
+    snapshots: tuple[int, ...] = ()  # offsets of the snapshot table entries
 
     @property
     def cs(self) -> int:
@@ -73,8 +74,8 @@ def _u64s(buf: bytes, offset: int, count: int) -> list[int]:
 
 def parse(buf: bytes) -> Layout:
     """The layout of a valid qcow2 image (v2 or v3, standard or extended L2)."""
-    (_, version, bfo, bfs, cb, _, _, l1_size, l1_off, rt_off, rt_cl, _, _) = struct.unpack_from(
-        ">IIQIIQIIQQIIQ", buf)
+    (_, version, bfo, bfs, cb, _, _, l1_size, l1_off, rt_off, rt_cl, nb_sn,
+     sn_off) = struct.unpack_from(">IIQIIQIIQQIIQ", buf)
     cs = 1 << cb
     incompat, hlen, order = 0, 72, 4
     if version >= 3:
@@ -114,6 +115,15 @@ def parse(buf: bytes) -> Layout:
             rt_slots.append(rt_off + 8 * i)
             refblocks.append(e & ~0x1FF)
     del order
+    snapshots = []
+    pos = sn_off
+    for _ in range(min(nb_sn, _MAX_SLOTS)):
+        if pos + 40 > len(buf):
+            break
+        snapshots.append(pos)
+        id_size, name_size = struct.unpack_from(">HH", buf, pos + 12)
+        (extra,) = struct.unpack_from(">I", buf, pos + 36)
+        pos = (pos + 40 + extra + id_size + name_size + 7) // 8 * 8
     return Layout(
         file_size=len(buf), cluster_bits=cb, version=version, header_length=hlen,
         extended_l2=extended, extensions=tuple(exts),
@@ -122,7 +132,7 @@ def parse(buf: bytes) -> Layout:
         l1_slots=tuple(l1_slots[:_MAX_SLOTS]), l2_tables=tuple(l2_tables),
         l2_slots=tuple(l2_slots[:_MAX_SLOTS]), compressed=tuple(compressed[:_MAX_SLOTS]),
         rt_slots=tuple(rt_slots[:_MAX_SLOTS]), refblocks=tuple(refblocks),
-        data=tuple(data[:_MAX_SLOTS]),
+        data=tuple(data[:_MAX_SLOTS]), snapshots=tuple(snapshots),
     )
 
 
@@ -228,6 +238,15 @@ def _payload(n: int) -> st.SearchStrategy[bytes]:
     )
 
 
+#: (offset in the entry, format, name) of the snapshot table entry fields
+#: (docs/interop/qcow2.txt, "Snapshots").
+_SNAPSHOT_FIELDS = (
+    (0, ">Q", "l1_table_offset"), (8, ">I", "l1_size"), (12, ">H", "id_size"),
+    (14, ">H", "name_size"), (32, ">I", "vm_state_size"), (36, ">I", "extra_data_size"),
+    (40, ">Q", "vm_state_size_large"), (48, ">Q", "disk_size"),
+)
+
+
 @st.composite
 def _edit(draw: st.DrawFn, lay: Layout) -> Edit:
     kinds = ["header", "header", "header", "truncate", "flip", "metadata", "extend"]
@@ -243,6 +262,8 @@ def _edit(draw: st.DrawFn, lay: Layout) -> Edit:
         kinds += ["reftable", "refblock"]
     if lay.backing:
         kinds += ["backing"]
+    if lay.snapshots:
+        kinds += ["snapshot", "snapshot"]
     kind = draw(st.sampled_from(kinds))
     if kind == "header":
         names = [n for n, (off, _) in HEADER_FIELDS.items()
@@ -287,6 +308,12 @@ def _edit(draw: st.DrawFn, lay: Layout) -> Edit:
         name = draw(st.sampled_from([b"/etc/shadow", b"../../../../etc/passwd", b"",
                                      b"\xff\xfe", b"json:{}", b".", b"/dev/zero"]))
         return Edit("backing name", off, name[:n].ljust(n, b"\0") if name else bytes(n))
+    if kind == "snapshot":
+        entry = draw(st.sampled_from(lay.snapshots))
+        rel, fmt, what = draw(st.sampled_from(_SNAPSHOT_FIELDS))
+        bits = 8 * struct.calcsize(fmt)
+        values = _entry_values(lay) if what == "l1_table_offset" else _interesting(bits, lay)
+        return _word(f"snapshot {what}", entry + rel, fmt)(draw(values))
     if kind == "l1":
         slot = draw(st.sampled_from(lay.l1_slots))
         return _word("L1 entry", slot, ">Q")(draw(_entry_values(lay)))
