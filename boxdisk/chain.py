@@ -36,7 +36,7 @@ log = get_logger(__name__)
 DEFAULT_MAX_DEPTH = 64
 
 #: L2 tables cached by all the images of one chain together, so memory stays
-#: bounded however deep the chain is (each image keeps at least 4 tables).
+#: bounded however deep the chain is (each image keeps at least 2 tables).
 _CHAIN_L2_CACHE_BYTES = 32 * 1024 * 1024
 
 _ZEROS = memoryview(bytes(1024 * 1024))
