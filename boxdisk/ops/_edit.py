@@ -10,6 +10,7 @@ operation can simply be run again.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -122,6 +123,7 @@ def commit(
     ensure_not_in_use(top_path, "commit")
     with open_chain(top_path) as chain:
         depth = _find_depth(chain, base)
+        keep = keep_top or depth > 1
         base_img = chain.images[depth]
         base_path, base_format = base_img.path, base_img.format
         ensure_not_in_use(base_path, "commit into it")
@@ -129,17 +131,19 @@ def commit(
         # A view of the images above the base (the chain still owns them): the base's
         # own tables are never read through the read-only chain while they change.
         above = BackingChain(list(chain.images[:depth]))
-        with open_chain(base_path, format=base_format, writable=True) as target_chain:
+        # The top to be emptied is held (QEMU's write locks) from before the copy on,
+        # so nobody writes to it between the copy and the emptying.
+        with (contextlib.nullcontext() if keep else Qcow2Writer(top_path)) as top_writer, \
+                open_chain(base_path, format=base_format, writable=True) as target_chain:
             target = target_chain.images[0]
             assert isinstance(target, WritableImage)
             if size > target.size:
                 target.resize(size)
             done = _copy_above(above, target, progress)
             target.flush()
-    keep = keep_top or depth > 1
-    if not keep:
-        with Qcow2Writer(top_path) as writer:
-            writer.make_empty()
+            target_chain.close()  # the base is durable before the top loses anything
+            if top_writer is not None:
+                top_writer.make_empty()
     log.info("committed", top=top_path, base=base_path, depth=depth, bytes=done,
              top_emptied=not keep, ms=_ms(start_t))
 
