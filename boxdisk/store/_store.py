@@ -769,7 +769,9 @@ class BoxStore:
                     "final": lay.rel(final), "disks": entries}
             with self._intent("snapshot", (key,), data, opid):
                 crashpoint("snapshot", "recorded")
-                stage.parent.mkdir(exist_ok=True)
+                if not stage.parent.is_dir():
+                    stage.parent.mkdir(exist_ok=True)
+                    fsync_dir(bdir)  # the first snapshot's directory must outlive a power loss
                 stage.mkdir()
                 write_new_file(stage / SNAPSHOT_META, dump_json(
                     {"box": box_id, "name": name, "created": created,
