@@ -6,7 +6,9 @@
     Target: <= 3x qemu-img check.
 (b) the same 1 GiB written with 4 KiB clusters: 262,144 L2 entries, the
     per-entry cost of the walk.
-(c) repair="all" of (b) with one refcount zeroed (a refcount structure
+(c) 256 MiB written in 64 KiB pieces from the end backwards, 4 KiB clusters:
+    every L2 table holds 32 separate runs, so the walk takes its per-entry path.
+(d) repair="all" of (b) with one refcount zeroed (a refcount structure
     rebuild) against ``qemu-img check -r all``, each on a fresh copy.
 
 Every boxdisk report is compared with qemu-img's JSON, so a fast wrong answer
@@ -71,6 +73,19 @@ def make(path: Path, cluster: int, size: int) -> Path:
     return path
 
 
+def make_fragmented(path: Path) -> Path:
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096",
+                        str(tmp), str(256 << 20)], check=True)
+        script = "".join(f"write -P {i % 250 + 1} {(4095 - i) * 65536} 64k\n"
+                         for i in range(4096))
+        subprocess.run(["qemu-io", "-f", "qcow2", str(tmp)], input=script, text=True,
+                       check=True, capture_output=True)
+        tmp.rename(path)
+    return path
+
+
 def row(name: str, seconds: float, peer: float | None = None) -> str:
     ratio = f"{seconds / peer:6.2f}x" if peer else ""
     return f"    {name:<44}{seconds * 1000:10.1f} ms   {ratio}"
@@ -128,7 +143,7 @@ def bench_repair(source: Path, work: Path, runs: int) -> None:
     t_box = best_of(runs, lambda: check(victim, repair="all"), before=fresh)
     report = check(victim)
     assert report.clean and report.as_qemu_json() == qemu_json(victim)
-    print("(c) repair='all' of (b) with one refcount zeroed (rebuild), fresh copy each run")
+    print("(d) repair='all' of (b) with one refcount zeroed (rebuild), fresh copy each run")
     print(row("qemu-img check -r all (process)", t_qemu))
     print(row("boxdisk.check(repair='all') (in process)", t_box, t_qemu))
     print()
@@ -138,7 +153,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, help="keep the images here (reused across runs)")
     parser.add_argument("--runs", type=int, default=7)
-    parser.add_argument("--quick", action="store_true", help="3 runs, skip (c)")
+    parser.add_argument("--quick", action="store_true", help="3 runs, skip (d)")
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     runs = 3 if args.quick else args.runs
@@ -149,6 +164,9 @@ def main() -> None:
         bench_check(big64, runs, "(a) 1 GiB fully written, 64 KiB clusters (target <= 3x)",
                     fresh_process=True)
         bench_check(big4, runs, "(b) 1 GiB fully written, 4 KiB clusters", fresh_process=True)
+        frag = make_fragmented(keep / "check-256m-4k-fragmented.qcow2")
+        bench_check(frag, runs, "(c) 256 MiB written backwards in 64 KiB pieces, 4 KiB clusters",
+                    fresh_process=False)
         if not args.quick:
             bench_repair(big4, Path(tmp), max(1, runs // 2))
 
