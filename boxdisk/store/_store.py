@@ -40,7 +40,7 @@ from boxdisk._errors import (
     StoreError,
     StoreFormatError,
 )
-from boxdisk._locks import ensure_not_in_use
+from boxdisk._locks import ensure_not_in_use, image_in_use
 from boxdisk._log import get_logger
 from boxdisk.chain import open_chain
 from boxdisk.graph import DependencyGraph
@@ -1178,14 +1178,14 @@ class BoxStore:
         for p in own:
             everyone |= graph.dependents(p)
         everyone -= own
-        if not everyone:
-            for p in own:
-                ensure_not_in_use(p, "remove the snapshot")
-            return []
-        if not merge:
+        if everyone and not merge:
             msg = f"snapshot {sdir.name!r} of box {sdir.parent.parent.name!r} is in use"
             raise SnapshotInUseError(msg, path=sdir, field="snapshot", value=sdir.name,
                                      dependents=tuple(sorted(everyone)))
+        for p in own:
+            ensure_not_in_use(p, "remove the snapshot")
+        if not everyone:
+            return []
         steps = []
         for p in sorted(own):
             node = graph.node(p)
@@ -1266,9 +1266,9 @@ class BoxStore:
             msg = f"box {bdir.name!r} cannot be removed: images outside it back onto its disks"
             raise DependentsExistError(msg, path=bdir, field="box_id", value=bdir.name,
                                        dependents=tuple(sorted(blocking)))
-        for p in own:
-            ensure_not_in_use(p, "remove the box")
         orphaned = (outside & dead_after) | (dead_after - dead_before)
+        for p in sorted(own | orphaned):
+            ensure_not_in_use(p, "remove the box (and the clone bases only it used)")
         return sorted({Path(os.path.dirname(p)) for p in orphaned})
 
     def _remove_trash(self, opid: str) -> None:
@@ -1356,7 +1356,9 @@ class BoxStore:
             live_opids = {r.opid for r in live}
             graph = self.graph()
             dead = self._dead_clones(graph, self._protected(live))
-            clone_dirs = sorted({os.path.dirname(p) for p in dead})
+            # A clone base a running QEMU holds (opened directly) waits for a later gc.
+            clone_dirs = sorted({os.path.dirname(p) for p in dead}
+                                - {os.path.dirname(p) for p in dead if image_in_use(p)})
             leftovers = self._leftovers(live_opids)
             freed = sum(_host_bytes(Path(c)) for c in clone_dirs)
             freed += sum(_host_bytes(p) if p.is_dir() else p.lstat().st_size
