@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from boxdisk import DiskInUseError
-from boxdisk._errors import LockTimeoutError
+from boxdisk._errors import LockTimeoutError, SnapshotInUseError
 from boxdisk._locks import image_in_use
 from boxdisk.store import BoxStore
 from tests.conftest import QEMU_IO
@@ -122,3 +122,20 @@ def test_running_qemu_blocks_renames_and_removals(qemu, bases: BoxStore, tmp_pat
     assert_reads(qemu, box.disk, 0xE1, 0)
     store.snapshot("vm", "s2")  # QEMU is gone
     assert_store_clean(qemu, store)
+
+
+@pytest.mark.qemu
+def test_refusals_while_qemu_runs_name_the_dependents(qemu, store: BoxStore) -> None:
+    box = store.create_box("vm", size=SIZE)
+    store.snapshot("vm", "s1")
+    store.snapshot("vm", "s2")
+    store.restore("vm", "s1")  # s2 has no dependents now
+    with _qemu_holding(box.disk):  # QEMU also holds s1 (read-only, as a backing file)
+        with pytest.raises(SnapshotInUseError) as err:
+            store.remove_snapshot("vm", "s1")
+        assert str(box.disk.resolve()) in err.value.dependents
+    s2 = box.dir / "snapshots" / "s2" / "disk.qcow2"
+    with _qemu_holding(s2), pytest.raises(DiskInUseError):
+        store.remove_snapshot("vm", "s2")
+    store.remove_snapshot("vm", "s2")
+    assert store.box("vm").snapshots == ("s1",)
