@@ -6,8 +6,7 @@
       .boxdisk/store.json               format marker and version
       .boxdisk/store.lock               the store-wide lock (short structural changes)
       .boxdisk/locks/KEY.lock           per-box (and per-base) locks, holder info inside
-      .boxdisk/journal/OPID.KEYS.json   intent of an operation in flight (.commit once past
-                                        its commit point)
+      .boxdisk/journal/OPID.KEYS.json   intent of an operation in flight
       .boxdisk/trash/OPID*              what a removal has taken out, until it is deleted
       bases/NAME/disk.{qcow2,raw}       read-only base images, with base.json
       boxes/ID/disk.qcow2               the box's live container disk

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -56,6 +55,7 @@ from boxdisk.qcow2 import (
 )
 
 from ._fs import (
+    copy_sparse,
     dump_json,
     fsync_dir,
     make_read_only,
@@ -85,9 +85,6 @@ from ._verify import Verifier
 __all__ = ["BoxStore"]
 
 log = get_logger(__name__)
-
-_WRITE_BITS = 0o222
-
 
 def _box_key(box_id: str) -> str:
     return f"box:{box_id}"
@@ -560,12 +557,7 @@ class BoxStore:
                 if link:
                     os.link(src, target)
                 else:
-                    shutil.copyfile(src, target)
-                    fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
+                    copy_sparse(src, target)
                 size = target.stat().st_size
                 if fmt is BackingFormat.QCOW2:
                     size = self._check_standalone(target, source=src)

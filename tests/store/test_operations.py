@@ -358,3 +358,17 @@ def test_ephemeral_box_goes_away_even_on_error(qemu, bases: BoxStore) -> None:
     assert not box2.dir.exists()
     assert store.list_boxes() == []
     assert_store_clean(qemu, store)
+
+
+def test_add_base_keeps_a_sparse_raw_base_sparse(qemu, store: BoxStore, tmp_path: Path) -> None:
+    raw = tmp_path / "big.raw"
+    qemu.img("create", "-q", "-f", "raw", raw, str(4 << 30))  # 4 GiB, all hole
+    qemu.write(raw, ["write -P 0x5c 0 64k", "write -P 0x5d 3G 1M"], fmt="raw")
+    path = store.add_base(raw, "big", backing_format="raw")
+    st = path.stat()
+    assert st.st_size == 4 << 30 and st.st_blocks * 512 < 16 * MIB
+    proc = qemu.img("compare", "-f", "raw", "-F", "raw", raw, path, check=False)
+    assert proc.returncode == 0, proc.stdout
+    box = store.create_box("vm", base="big")
+    assert_reads(qemu, box.disk, 0x5D, 3 << 30, MIB)
+    assert_store_clean(qemu, store)
