@@ -24,7 +24,8 @@ def parse_size(text: str, *, what: str = "size") -> int:
     if m is None:
         msg = f"{what} {text!r} is not a size (examples: 10G, 512M, 4k, 1048576)"
         raise InvalidArgumentError(msg, field=what, value=text)
-    number, unit = m.group(1), m.group(2).upper()
+    number: str = m.group(1)
+    unit: str = m.group(2).upper()
     scale = _UNITS[unit]
     if "." in number:
         whole, frac = number.split(".")
