@@ -30,7 +30,7 @@ def parse_size(text: str, *, what: str = "size") -> int:
     if "." in number:
         whole, frac = number.split(".")
         num = int(whole + frac) * scale
-        den = 10 ** len(frac)
+        den: int = 10 ** len(frac)
         if num % den:
             msg = f"{what} {text!r} is not a whole number of bytes"
             raise InvalidArgumentError(msg, field=what, value=text)
