@@ -66,8 +66,9 @@ def test_compare_agrees_with_qemu(qemu: Any, tmp_path_factory: Any, seed: int, c
     elif change == "zero-vs-hole":
         # The same zeros three ways: unallocated, the zero flag, written zero bytes.
         off = int(where * size_a) // cluster * cluster
-        qemu.write(a, [f"write -z {off} {cluster}"])
-        qemu.write(b, [f"write -P 0 {off} {cluster}"])
+        n = min(cluster, size_a - off)
+        qemu.write(a, [f"write -z {off} {n}"])
+        qemu.write(b, [f"write -P 0 {off} {n}"])
     _agree(qemu, a, b)
 
 
