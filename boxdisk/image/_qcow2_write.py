@@ -152,7 +152,8 @@ class Qcow2Writer(WritableImage):
     ``read_below`` supplies what the layers under this image show, for
     copying up the rest of a partially written cluster; None means zeros.
     ``below_size`` is how far those layers reach (past it they read as zeros);
-    None means "as far as this image". :meth:`attach_below` sets both later.
+    None leaves that to ``read_below``, which must then pad with zeros itself.
+    :meth:`attach_below` sets both later.
     """
 
     format = "qcow2"
