@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -47,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     from ._cli._image import add_image_commands  # noqa: PLC0415
 
     add_image_commands(sub)
+    from ._cli._store import add_store_commands  # noqa: PLC0415
+
+    add_store_commands(sub)
     return parser
 
 
@@ -67,6 +71,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"boxdisk: error: {exc}", file=sys.stderr)
         return int(getattr(args, "error_exit", 1))
+    except BrokenPipeError:
+        # The reader went away (``| head``): stop quietly, as other tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except OSError as exc:  # a file the user named (not an image) could not be used
         if args.debug:
             raise

@@ -43,7 +43,7 @@ from boxdisk._locks import ensure_not_in_use, image_in_use
 from boxdisk._log import get_logger
 from boxdisk.chain import open_chain
 from boxdisk.graph import DependencyGraph
-from boxdisk.ops import check, flatten, rebase
+from boxdisk.ops import Progress, check, flatten, rebase
 from boxdisk.qcow2 import (
     DEFAULT_DISK_SIZE,
     BackingFormat,
@@ -1279,10 +1279,11 @@ class BoxStore:
 
     def export_box(self, box_id: str, dest: str | os.PathLike[str], *,
                    snapshot: str | None = None, guest: bool = False,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, progress: Progress | None = None) -> Path:
         """Write the live disk (or snapshot ``snapshot``) as one standalone qcow2 at ``dest``.
 
         ``guest=True`` exports the guest disk instead of the container disk.
+        ``progress(done_bytes, total_bytes)`` is called as the copy advances.
         The chain is opened (confined to the store) under the box's lock and
         then read from the open files, so operations on the box may go on
         during the copy. Refused while a QEMU holds the live disk.
@@ -1304,7 +1305,7 @@ class BoxStore:
                 ensure_not_in_use(src, "export the live disk")
             chain = open_chain(src, allowed_roots=self._roots)
         with chain:
-            written = flatten(chain, dest, overwrite=overwrite)
+            written = flatten(chain, dest, overwrite=overwrite, progress=progress)
         log.info("box_exported", box=box_id, snapshot=snapshot, dest=os.fspath(dest),
                  data_bytes=written, ms=_ms(start))
         return Path(dest)
