@@ -8,7 +8,6 @@ shows the traceback; ``-v`` turns on structlog's console output.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -17,13 +16,22 @@ __all__ = ["main"]
 
 
 def _configure_logging(verbose: bool) -> None:
-    import structlog  # noqa: PLC0415 - only the CLI configures logging
+    """Warnings (or, with -v, everything) to stderr; set up only when something logs."""
 
-    level = logging.DEBUG if verbose else logging.WARNING
-    structlog.configure(
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-    )
+    def configure() -> None:
+        import logging  # noqa: PLC0415 - only when something logs
+
+        import structlog  # noqa: PLC0415 - only the CLI configures logging
+
+        level = logging.DEBUG if verbose else logging.WARNING
+        structlog.configure(
+            wrapper_class=structlog.make_filtering_bound_logger(level),
+            logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        )
+
+    from ._log import when_structlog_loads  # noqa: PLC0415
+
+    when_structlog_loads(configure)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
