@@ -8,8 +8,8 @@ backing files confined to that directory. Every call must return or raise a
 BoxdiskError subclass, within 2 s of CPU and 256 MiB of peak RSS
 (tests/fuzz/harness.py explains how those are measured).
 
-Budget: ``BOXDISK_FUZZ_EXAMPLES`` examples per seed (default 120, half that
-per store image: about 2,300 inputs, a little over a minute on two cores).
+Budget: ``BOXDISK_FUZZ_EXAMPLES`` examples per seed (default 300, half that
+per store image: about 5,500 inputs, under a minute on two cores).
 Under CI the examples are derandomized, so a red CI run reproduces; locally
 they are random and hypothesis keeps failures in .hypothesis/. The ``slow``
 test runs 25 times more, randomly, with up to 8 edits per input, for hunting.
@@ -34,7 +34,7 @@ from .seeds import SEEDS, STORE_TARGETS, Seed, StoreSeed
 pytestmark = pytest.mark.qemu
 
 OPS = ("header", "open", "map", "read", "check", "flatten")
-EXAMPLES = int(os.environ.get("BOXDISK_FUZZ_EXAMPLES", "120"))
+EXAMPLES = int(os.environ.get("BOXDISK_FUZZ_EXAMPLES", "300"))
 _CI = bool(os.environ.get("CI"))
 
 _SETTINGS = settings(
