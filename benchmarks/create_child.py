@@ -10,8 +10,8 @@ For N rounds each side makes a qcow2 child of the same raw base:
 It prints the median and 90th percentile per child for each, their ratio, and
 the cost of fsyncing a small new file plus its directory: the floor under any
 durable create on this machine, and the exact syscalls boxdisk makes for a
-child run in a bare loop (so the Python cost is the difference). Targets: <= 0.5 ms per durable child and >= 10x
-faster than qemu-img.
+child run in a bare loop (so the Python cost is the difference). Targets:
+<= 0.5 ms per durable child and >= 10x faster than qemu-img.
 
     python benchmarks/create_child.py [-n 500] [--dir DIR]
 """

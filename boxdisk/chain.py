@@ -243,10 +243,21 @@ class BackingChain:
     # -- lifecycle -----------------------------------------------------------
 
     def close(self) -> None:
-        """Close every image; a second call does nothing."""
+        """Close every image; a second call does nothing.
+
+        Every image is closed even when one fails to (a writable top whose last
+        flush fails); the first failure is raised after all are closed.
+        """
         self._closed = True
+        first: BaseException | None = None
         for img in self._images:
-            img.close()
+            try:
+                img.close()
+            except BaseException as exc:
+                if first is None:
+                    first = exc
+        if first is not None:
+            raise first
 
     @property
     def closed(self) -> bool:

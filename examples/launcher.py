@@ -12,6 +12,7 @@ one VM whose disk we want to keep is kept with ``leak()``.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -56,8 +57,9 @@ def main(workdir: Path) -> int:
                        for p in (workdir / "vms").rglob("*.qcow2"))
     print(f"disks left on disk: {leftovers}")
     assert kept is not None
-    print(f"kept: {kept.relative_to(workdir)}, backing chain "
-          f"{[p.relative_to(workdir).as_posix() for p in map(Path, boxdisk.read_backing_chain(kept))]}")
+    chain = [Path(os.path.normpath(p)).relative_to(workdir).as_posix()
+             for p in boxdisk.read_backing_chain(kept)]
+    print(f"kept: {kept.relative_to(workdir)}, backing chain {chain}")
     return 0 if leftovers == ["vms/vm2/disk.qcow2"] else 1
 
 

@@ -14,6 +14,8 @@ Layers, bottom first (a module may import its own layer and the ones below):
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,9 +126,6 @@ def test_format_layer_is_pure(path: Path) -> None:
 
 def test_importing_boxdisk_configures_no_logging() -> None:
     """structlog's global pipeline is the application's: importing boxdisk leaves it alone."""
-    import subprocess
-    import sys
-
     code = (
         "import structlog\n"
         "before = structlog.get_config()\n"

@@ -345,7 +345,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     result = compare(args.image1, args.image2,
                      format_a=top_format(args.image1, args.format_a),
-                     format_b=top_format(args.image2, args.format_b))
+                     format_b=top_format(args.image2, args.format_b),
+                     force_share=args.force_share)
     if result.size_a != result.size_b and not args.quiet:
         print("Warning: Image size mismatch!")
     if result.identical:
@@ -367,7 +368,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     try:
         convert(args.src, args.dst, output_format=args.output_format,
                 src_format=top_format(args.src, args.format), overwrite=args.overwrite,
-                progress=bar)
+                progress=bar, force_share=args.force_share)
     finally:
         if bar is not None:
             bar.close()
@@ -380,7 +381,7 @@ def _cmd_flatten(args: argparse.Namespace) -> int:
     bar = progress_for("flatten", args.progress)
     try:
         flatten(args.src, args.dst, src_format=top_format(args.src, args.format),
-                overwrite=args.overwrite, progress=bar)
+                overwrite=args.overwrite, progress=bar, force_share=args.force_share)
     finally:
         if bar is not None:
             bar.close()
@@ -486,6 +487,8 @@ def add_image_commands(sub: Any) -> None:
     p.add_argument("-f", dest="format_a", choices=("qcow2", "raw"))
     p.add_argument("-F", dest="format_b", choices=("qcow2", "raw"))
     p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("-U", "--force-share", action="store_true",
+                   help="read images another process is writing (may be inconsistent)")
     p.add_argument("image1", metavar="FILENAME1")
     p.add_argument("image2", metavar="FILENAME2")
     p.set_defaults(func=_cmd_compare, error_exit=2)
@@ -499,6 +502,8 @@ def add_image_commands(sub: Any) -> None:
             p.add_argument("-O", dest="output_format", choices=("qcow2", "raw"), default="raw")
         p.add_argument("-p", dest="progress", action="store_true", help="show progress")
         p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+        p.add_argument("-U", "--force-share", action="store_true",
+                       help="copy an image another process is writing (may be inconsistent)")
         p.add_argument("src", metavar="SRC")
         p.add_argument("dst", metavar="DST")
         p.set_defaults(func=func)

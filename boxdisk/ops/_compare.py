@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 
 import attrs
 
+from boxdisk._locks import ensure_consistent_read
 from boxdisk._log import get_logger
 from boxdisk.chain import BackingChain, open_chain
 from boxdisk.image import RunKind
@@ -105,16 +106,21 @@ def compare(
     format_a: str | None = None,
     format_b: str | None = None,
     allowed_roots: Iterable[str | os.PathLike[str]] | None = None,
+    force_share: bool = False,
 ) -> CompareResult:
     """Compare what two disks show the guest, as ``qemu-img compare -f A -F B a b`` does.
 
     ``format_a`` / ``format_b`` name the top images' formats (default qcow2;
     pass ``"raw"`` for a raw file): nothing is probed. Backing chains are
-    followed as :func:`~boxdisk.chain.open_chain` follows them.
+    followed as :func:`~boxdisk.chain.open_chain` follows them. An image
+    another process is writing (a running VM) is refused with
+    :class:`DiskInUseError` unless ``force_share=True`` (``qemu-img -U``).
     """
     roots = None if allowed_roots is None else list(allowed_roots)
     with open_chain(a, format=format_a, allowed_roots=roots) as ca, \
             open_chain(b, format=format_b, allowed_roots=roots) as cb:
+        if not force_share:
+            ensure_consistent_read((*ca.paths, *cb.paths), "compare")
         buf_a, buf_b = bytearray(_CHUNK), bytearray(_CHUNK)
         view_a, view_b = memoryview(buf_a), memoryview(buf_b)
         for start, end in _union(data_intervals(ca), data_intervals(cb)):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from boxdisk._errors import BackingChainError, InvalidArgumentError, UnsupportedFeatureError
 from boxdisk._locks import ensure_not_in_use
@@ -100,6 +100,7 @@ def commit(
     base: str | os.PathLike[str] | None = None,
     keep_top: bool = False,
     progress: Progress | None = None,
+    allowed_roots: Iterable[str | os.PathLike[str]] | None = None,
 ) -> None:
     """Write what ``top`` (and the images between it and ``base``) hold into ``base``.
 
@@ -115,13 +116,14 @@ def commit(
     them; the kept top still reads exactly as before.
 
     Refused with :class:`DiskInUseError` while a QEMU holds the top or the
-    base. A crash leaves the top's guest view intact (the base only gains
+    base. ``allowed_roots`` confines every backing file (see
+    :meth:`BackingChain.open`). A crash leaves the top's guest view intact (the base only gains
     bytes the top already shows) and at most leaked clusters; run it again.
     """
     start_t = time.perf_counter()
     top_path = os.fspath(top)
     ensure_not_in_use(top_path, "commit")
-    with open_chain(top_path) as chain:
+    with open_chain(top_path, allowed_roots=allowed_roots) as chain:
         depth = _find_depth(chain, base)
         keep = keep_top or depth > 1
         base_img = chain.images[depth]
@@ -134,7 +136,8 @@ def commit(
         # The top to be emptied is held (QEMU's write locks) from before the copy on,
         # so nobody writes to it between the copy and the emptying.
         with (contextlib.nullcontext() if keep else Qcow2Writer(top_path)) as top_writer, \
-                open_chain(base_path, format=base_format, writable=True) as target_chain:
+                open_chain(base_path, format=base_format, writable=True,
+                           allowed_roots=allowed_roots) as target_chain:
             target = target_chain.images[0]
             assert isinstance(target, WritableImage)
             if size > target.size:
@@ -248,6 +251,7 @@ def rebase(
     safe: bool = True,
     relative: bool = False,
     progress: Progress | None = None,
+    allowed_roots: Iterable[str | os.PathLike[str]] | None = None,
 ) -> None:
     """Make ``image`` back onto ``new_backing`` (None: standalone), as ``qemu-img rebase``.
 
@@ -259,9 +263,11 @@ def rebase(
     probed). The name stored is the new file's real path, or with
     ``relative=True`` its path relative to the image's directory.
 
-    Refused with :class:`DiskInUseError` while a QEMU holds the image. A
-    crash before the header changes leaves the old view intact; running the
-    rebase again finishes it.
+    ``allowed_roots`` confines every backing file, old and new (after
+    resolving symlinks; :class:`BackingChainError` otherwise). Refused with
+    :class:`DiskInUseError` while a QEMU holds the image. A crash before the
+    header changes leaves the old view intact; running the rebase again
+    finishes it.
     """
     start_t = time.perf_counter()
     path = os.fspath(image)
@@ -276,6 +282,12 @@ def rebase(
             msg = f"new backing file {os.fspath(new_backing)!r} does not exist"
             raise BackingChainError(msg, path=path, field="backing_file",
                                     value=os.fspath(new_backing))
+        if allowed_roots is not None:
+            roots = [os.path.realpath(r) for r in allowed_roots]
+            if not any(os.path.commonpath([real, r]) == r for r in roots):
+                msg = f"new backing file {real!r} lies outside the allowed roots {roots}"
+                raise BackingChainError(msg, path=path, field="backing_file",
+                                        value=os.fspath(new_backing))
         name = (os.path.relpath(real, os.path.realpath(os.path.dirname(path) or "."))
                 if relative else real)
     written = 0
@@ -283,14 +295,14 @@ def rebase(
         with Qcow2Writer(path) as writer:
             writer.set_backing(name, backing_format)
     else:
-        with open_chain(path, writable=True) as chain:
+        with open_chain(path, writable=True, allowed_roots=allowed_roots) as chain:
             top = chain.images[0]
             if not isinstance(top, Qcow2Writer):
                 msg = "only a qcow2 image has a backing file to change"
                 raise UnsupportedFeatureError(msg, path=path, field="format")
             old = BackingChain(list(chain.images[1:])) if len(chain.images) > 1 else None
-            new = None if new_backing is None else open_chain(new_backing,
-                                                              format=backing_format)
+            new = None if new_backing is None else open_chain(
+                new_backing, format=backing_format, allowed_roots=allowed_roots)
             try:
                 written = _copy_differences(top, old, new, progress)
             finally:
@@ -305,7 +317,8 @@ def rebase(
 # -- resize ---------------------------------------------------------------------------
 
 
-def resize(path: str | os.PathLike[str], new_size: int, *, format: str = "qcow2") -> None:
+def resize(path: str | os.PathLike[str], new_size: int, *, format: str = "qcow2",
+           allowed_roots: Iterable[str | os.PathLike[str]] | None = None) -> None:
     """Grow a qcow2 (or raw) image, or shrink it when nothing is stored past the new end.
 
     As ``qemu-img resize``: growing where the backing file reaches past the
@@ -313,10 +326,11 @@ def resize(path: str | os.PathLike[str], new_size: int, *, format: str = "qcow2"
     multiple of 512. Shrinking a qcow2 is refused (InvalidArgumentError) when
     a cluster past the new end holds data; a raw file (``format="raw"``) is
     cut. Refused with :class:`DiskInUseError` while a QEMU holds the image.
+    ``allowed_roots`` confines every backing file.
     """
     p = os.fspath(path)
     ensure_not_in_use(p, "resize")
-    with open_chain(p, format=format, writable=True) as chain:
+    with open_chain(p, format=format, writable=True, allowed_roots=allowed_roots) as chain:
         top = chain.images[0]
         assert isinstance(top, WritableImage)
         top.resize(new_size)

@@ -18,9 +18,10 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from boxdisk._errors import InvalidArgumentError
+from boxdisk._locks import ensure_consistent_read, ensure_not_in_use
 from boxdisk._log import get_logger
 from boxdisk.chain import BackingChain
 from boxdisk.format import MAX_L1_BYTES, l1_entries_for
@@ -34,6 +35,8 @@ __all__ = ["Progress", "convert", "flatten"]
 log = get_logger(__name__)
 
 Progress = Callable[[int, int], None]
+#: Directories every backing file must lie under (None: anywhere).
+Roots = Iterable[str | os.PathLike[str]] | None
 
 _WINDOW = 4 * 1024 * 1024
 _BUFFERS = 3
@@ -189,10 +192,31 @@ def _copy(chain: BackingChain, dst: str, output_format: str, *, overwrite: bool,
 
 
 def _open_source(src: str | os.PathLike[str] | BackingChain, src_format: str | None,
-                 backing_format: str | None) -> tuple[BackingChain, bool]:
+                 backing_format: str | None, allowed_roots: Roots, force_share: bool,
+                 ) -> tuple[BackingChain, bool]:
+    """The source chain, and whether this call opened it (and so closes it).
+
+    A chain opened here is refused, unless ``force_share``, when another
+    process holds the write permission on any of its images (as ``qemu-img
+    convert`` without ``-U``): a copy of a disk a VM is writing is not a copy.
+    """
     if isinstance(src, BackingChain):
         return src, False
-    return BackingChain.open(src, format=src_format, backing_format=backing_format), True
+    chain = BackingChain.open(src, format=src_format, backing_format=backing_format,
+                              allowed_roots=allowed_roots)
+    if not force_share:
+        try:
+            ensure_consistent_read(chain.paths, "copy the disk")
+        except BaseException:
+            chain.close()
+            raise
+    return chain, True
+
+
+def _check_destination(dst: str, overwrite: bool) -> None:
+    """An existing ``dst`` that a running QEMU holds is never replaced."""
+    if overwrite:
+        ensure_not_in_use(dst, "replace the destination")
 
 
 def _check_cluster_size(cluster_size: int) -> None:
@@ -211,6 +235,8 @@ def convert(
     overwrite: bool = False,
     progress: Progress | None = None,
     cluster_size: int = _DEFAULT_CLUSTER_SIZE,
+    allowed_roots: Roots = None,
+    force_share: bool = False,
 ) -> int:
     """Copy the guest bytes of ``src`` into a standalone ``dst`` of ``output_format``.
 
@@ -224,6 +250,11 @@ def convert(
     error unless ``overwrite``. ``progress(done_bytes, total_bytes)`` is called
     as guest bytes are covered, the last time with ``total_bytes`` once ``dst``
     is in place. Returns the bytes of data written.
+
+    ``allowed_roots`` confines every backing file (see :meth:`BackingChain.open`).
+    A source image another process is writing (QEMU's write lock held: a running
+    VM) is refused with :class:`DiskInUseError` unless ``force_share=True``; so is
+    replacing a ``dst`` a QEMU holds.
     """
     if output_format not in _FORMATS:
         msg = f"output format {output_format!r} is not one of {', '.join(_FORMATS)}"
@@ -231,7 +262,8 @@ def convert(
     _check_cluster_size(cluster_size)
     dst_path = os.fspath(dst)
     t0 = time.perf_counter()
-    chain, owned = _open_source(src, src_format, backing_format)
+    _check_destination(dst_path, overwrite)
+    chain, owned = _open_source(src, src_format, backing_format, allowed_roots, force_share)
     try:
         data_bytes = _copy(chain, dst_path, output_format, overwrite=overwrite,
                            progress=progress, cluster_size=cluster_size)
@@ -253,6 +285,8 @@ def flatten(
     src_format: str | None = None,
     backing_format: str | None = None,
     cluster_size: int = _DEFAULT_CLUSTER_SIZE,
+    allowed_roots: Roots = None,
+    force_share: bool = False,
 ) -> int:
     """Write ``src``'s chain as one standalone qcow2 v3 at ``dst``; return data bytes written.
 
@@ -260,12 +294,14 @@ def flatten(
     chain (zero clusters over backing data stay zero; compressed clusters are
     inflated). Time follows the allocated data, not the virtual size, and
     memory is bounded (one window, one L2 table, the L1 table). See
-    :func:`convert` for ``dst`` handling and ``progress``.
+    :func:`convert` for ``dst`` handling, ``progress``, ``allowed_roots`` and
+    ``force_share``.
     """
     _check_cluster_size(cluster_size)
     dst_path = os.fspath(dst)
     t0 = time.perf_counter()
-    chain, owned = _open_source(src, src_format, backing_format)
+    _check_destination(dst_path, overwrite)
+    chain, owned = _open_source(src, src_format, backing_format, allowed_roots, force_share)
     try:
         data_bytes = _copy(chain, dst_path, "qcow2", overwrite=overwrite,
                            progress=progress, cluster_size=cluster_size)

@@ -1141,7 +1141,7 @@ class BoxStore:
                         make_writable(image)
                     target = None if step["target"] is None else lay.abs(step["target"])
                     rebase(image, target, backing_format=step["format"], safe=True,
-                           relative=True)
+                           relative=True, allowed_roots=self._roots)
                     if not step["writable"]:
                         make_read_only(image)
                     crashpoint("remove_snapshot", f"rebased:{i}")
