@@ -120,6 +120,20 @@ def _fix_backing_name(image: Path, old: str | None, new: str | None) -> None:
         rewrite_backing_reference(image, new, header.backing_format, header=header)
 
 
+def _freeze_committed(live_dir: Path, frozen_dir: Path,
+                      entries: list[dict[str, Any]]) -> bool:
+    """Whether freezing passed its point of no return: a name fixed or a disk swapped."""
+    for e in entries:
+        frozen = frozen_dir / e["disk"]
+        if not frozen.exists():
+            continue
+        if e["new"] != e["old"] and read_header(frozen).backing_file == e["new"]:
+            return True
+        if not _same_file(frozen, live_dir / e["disk"]):
+            return True
+    return False
+
+
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -723,6 +737,45 @@ class BoxStore:
 
     # -- snapshot and restore ----------------------------------------------------------
 
+    # Snapshot and clone both *freeze* a box's live disks: each live file gets a second
+    # name in the frozen directory (a hard link), an empty child is made over it, then
+    # the frozen file's backing name is fixed for its new directory and the child is
+    # renamed over the live name. The first name fix or swap is the point of no return.
+
+    def _freeze_plan(self, live_dir: Path, frozen_dir: Path, disks: list[str],
+                     opid: str) -> list[dict[str, Any]]:
+        """Journal entries for freezing ``disks`` of ``live_dir`` into ``frozen_dir``."""
+        lay = self._layout
+        entries: list[dict[str, Any]] = []
+        for d in disks:
+            header = read_header(live_dir / d)
+            entries.append({
+                "disk": d, "old": header.backing_file,
+                "new": _moved_name(header.backing_file, live_dir, frozen_dir),
+                "child": lay.rel(live_dir / f".{d}.{opid}.new"), "size": header.size,
+            })
+        return entries
+
+    def _freeze_forward(self, op: str, live_dir: Path, frozen_dir: Path,
+                        entries: list[dict[str, Any]]) -> None:
+        """Fix the frozen files' backing names, then swap the children in (idempotent)."""
+        lay = self._layout
+        for e in entries:
+            _fix_backing_name(frozen_dir / e["disk"], e["old"], e["new"])
+            crashpoint(op, f"renamed:{e['disk']}")
+        for e in entries:
+            child = lay.abs(e["child"])
+            live = live_dir / e["disk"]
+            if child.exists():
+                os.rename(child, live)
+            elif _same_file(live, frozen := frozen_dir / e["disk"]):
+                # Defensive: the child is created before the commit, so it exists.
+                create_cow_child_disk(frozen, BackingFormat.QCOW2, child, relative=True,
+                                      persistent=True)
+                os.rename(child, live)
+            crashpoint(op, f"swapped:{e['disk']}")
+        fsync_dir(live_dir)
+
     def snapshot(self, box_id: str, name: str) -> Snapshot:
         """Make the box's live disks an immutable snapshot ``name`` and give it new live children.
 
@@ -748,15 +801,8 @@ class BoxStore:
                 ensure_not_in_use(bdir / d, "snapshot the box")
             opid = new_opid()
             stage = lay.snapshots_dir(box_id) / f".stage-{opid}"
-            entries: list[dict[str, Any]] = []
+            entries = self._freeze_plan(bdir, final, disks, opid)
             created = time.time()
-            for d in disks:
-                header = read_header(bdir / d)
-                entries.append({
-                    "disk": d, "old": header.backing_file,
-                    "new": _moved_name(header.backing_file, bdir, final),
-                    "child": lay.rel(bdir / f".{d}.{opid}.new"), "size": header.size,
-                })
             data = {"box": box_id, "name": name, "stage": lay.rel(stage),
                     "final": lay.rel(final), "disks": entries}
             with self._intent("snapshot", (key,), data, opid):
@@ -791,23 +837,8 @@ class BoxStore:
     def _snapshot_forward(self, data: dict[str, Any]) -> None:
         """Finish a committed snapshot (idempotent): fix the names, swap in the children, seal."""
         lay = self._layout
-        bdir = lay.box_dir(data["box"])
         final = lay.abs(data["final"])
-        for e in data["disks"]:
-            _fix_backing_name(final / e["disk"], e["old"], e["new"])
-            crashpoint("snapshot", f"renamed:{e['disk']}")
-        for e in data["disks"]:
-            child = lay.abs(e["child"])
-            live = bdir / e["disk"]
-            if child.exists():
-                os.rename(child, live)
-            elif _same_file(live, snap := final / e["disk"]):
-                # Defensive: the child is created before the commit, so it exists.
-                create_cow_child_disk(snap, BackingFormat.QCOW2, child, relative=True,
-                                      persistent=True)
-                os.rename(child, live)
-            crashpoint("snapshot", f"swapped:{e['disk']}")
-        fsync_dir(bdir)
+        self._freeze_forward("snapshot", lay.box_dir(data["box"]), final, data["disks"])
         for e in data["disks"]:
             make_read_only(final / e["disk"])
         crashpoint("snapshot", "sealed")
@@ -815,17 +846,8 @@ class BoxStore:
     def _snapshot_committed(self, data: dict[str, Any]) -> bool:
         """Whether a snapshot passed its point of no return: a name fixed or a disk swapped."""
         lay = self._layout
-        bdir = lay.box_dir(data["box"])
-        final = lay.abs(data["final"])
-        for e in data["disks"]:
-            snap = final / e["disk"]
-            if not snap.exists():
-                continue
-            if e["new"] != e["old"] and read_header(snap).backing_file == e["new"]:
-                return True
-            if not _same_file(snap, bdir / e["disk"]):
-                return True
-        return False
+        return _freeze_committed(lay.box_dir(data["box"]), lay.abs(data["final"]),
+                                 data["disks"])
 
     def _recover_snapshot(self, record: Record) -> None:
         data = record.data
@@ -926,13 +948,7 @@ class BoxStore:
             opid = new_opid()
             cdir = lay.clone_dir(opid)
             dstage = lay.boxes / f".stage-{opid}"
-            entries: list[dict[str, Any]] = []
-            for d in disks:
-                header = read_header(sdir / d)
-                entries.append({"disk": d, "old": header.backing_file,
-                                "new": _moved_name(header.backing_file, sdir, cdir),
-                                "child": lay.rel(sdir / f".{d}.{opid}.new"),
-                                "size": header.size})
+            entries = self._freeze_plan(sdir, cdir, disks, opid)
             data = {"src": src_id, "dst": dst_id, "clone": lay.rel(cdir),
                     "dst_stage": lay.rel(dstage), "disks": entries}
             meta: dict[str, Any] = {"id": dst_id, "created": time.time(),
@@ -974,18 +990,9 @@ class BoxStore:
     def _clone_forward(self, data: dict[str, Any]) -> None:
         """Finish a clone past its point of no return (idempotent)."""
         lay = self._layout
-        sdir = lay.box_dir(data["src"])
         dstage = lay.abs(data["dst_stage"])
         cdir = lay.abs(data["clone"])
-        for e in data["disks"]:
-            _fix_backing_name(cdir / e["disk"], e["old"], e["new"])
-            crashpoint("clone_box", f"renamed:{e['disk']}")
-        for e in data["disks"]:
-            child = lay.abs(e["child"])
-            if child.exists():
-                os.rename(child, sdir / e["disk"])
-            crashpoint("clone_box", f"swapped:{e['disk']}")
-        fsync_dir(sdir)
+        self._freeze_forward("clone_box", lay.box_dir(data["src"]), cdir, data["disks"])
         if dstage.exists():
             os.rename(dstage, lay.box_dir(data["dst"]))
             fsync_dir(lay.boxes)
@@ -997,17 +1004,8 @@ class BoxStore:
     def _clone_committed(self, data: dict[str, Any]) -> bool:
         """Whether a clone passed its point of no return: a name fixed, a disk swapped."""
         lay = self._layout
-        sdir = lay.box_dir(data["src"])
-        cdir = lay.abs(data["clone"])
-        for e in data["disks"]:
-            frozen = cdir / e["disk"]
-            if not frozen.exists():
-                continue
-            if e["new"] != e["old"] and read_header(frozen).backing_file == e["new"]:
-                return True
-            if not _same_file(frozen, sdir / e["disk"]):
-                return True
-        return False
+        return _freeze_committed(lay.box_dir(data["src"]), lay.abs(data["clone"]),
+                                 data["disks"])
 
     def _recover_clone(self, record: Record) -> None:
         data = record.data
