@@ -265,6 +265,9 @@ class Qcow2Writer(WritableImage):
         self._rt_moved: tuple[int, int] | None = None
         self._frees: list[int] = []  # clusters to decref once nothing references them
         self._end = max(-(-self.file_size // cs), self._last_counted() + 1)
+        # Clusters the file must hold: its own, and those handed out since. Refcounts
+        # past the end of the file (which QEMU ignores) do not make the file grow.
+        self._alloc_end = -(-self.file_size // cs)
         self._hint = 1  # no cluster below this one is free
 
         stray = h.autoclear_features
@@ -357,17 +360,27 @@ class Qcow2Writer(WritableImage):
         return 0
 
     # -- raw I/O (every change to the file goes through these three) -----------------
+    # A failed write, fsync or truncate stops the writer (``_failed``): a data write maps
+    # its cluster before writing it, so metadata written after a failed one (even by
+    # close) could point at bytes that never reached the file.
 
     def _pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
-        try:
-            done = os.pwrite(self._fd, data, offset)
-        except OSError as exc:
-            msg = f"cannot write {len(data)} bytes at 0x{offset:x}: {exc.strerror}"
-            raise ImageIOError(msg, path=self.path, field="host_offset", value=offset) from exc
-        if done != len(data):
-            msg = f"short write at 0x{offset:x} ({done} of {len(data)} bytes)"
-            raise ImageIOError(msg, path=self.path, field="host_offset", value=offset)
-        self._file_end = max(self._file_end, offset + done)
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):  # a filling disk first writes less than asked, then fails
+            try:
+                n = os.pwrite(self._fd, view[done:], offset + done)
+            except OSError as exc:
+                msg = f"cannot write {len(view)} bytes at 0x{offset:x}: {exc.strerror}"
+                self._failed = msg
+                raise ImageIOError(msg, path=self.path, field="host_offset",
+                                   value=offset) from exc
+            if n <= 0:
+                msg = f"short write at 0x{offset:x} ({done} of {len(view)} bytes)"
+                self._failed = msg
+                raise ImageIOError(msg, path=self.path, field="host_offset", value=offset)
+            done += n
+            self._file_end = max(self._file_end, offset + done)
 
     def _fsync(self) -> None:
         end = self._file_end
@@ -375,6 +388,7 @@ class Qcow2Writer(WritableImage):
             os.fsync(self._fd)
         except OSError as exc:
             msg = f"fsync failed: {exc.strerror}"
+            self._failed = msg
             raise ImageIOError(msg, path=self.path, field="fsync") from exc
         self._synced_end = end
 
@@ -383,6 +397,7 @@ class Qcow2Writer(WritableImage):
             os.ftruncate(self._fd, length)
         except OSError as exc:
             msg = f"cannot set the file length to {length}: {exc.strerror}"
+            self._failed = msg
             raise ImageIOError(msg, path=self.path, field="file_size", value=length) from exc
         self._file_end = length
 
@@ -487,6 +502,7 @@ class Qcow2Writer(WritableImage):
             self._frees.extend(range(first, first + count))
         start = self._end
         self._end += clusters
+        self._alloc_end = self._end
         self._rt.extend(array("Q", bytes(8 * (clusters * cs // 8 - old_entries))))
         self._meta.update(range(start, start + clusters))
         self._rt_moved = (start, clusters)
@@ -523,6 +539,7 @@ class Qcow2Writer(WritableImage):
         self._hint = c + 1
         if c >= self._end:
             self._end = c + 1
+        self._alloc_end = max(self._alloc_end, c + 1)
         return c
 
     def _alloc(self) -> int:
@@ -755,7 +772,7 @@ class Qcow2Writer(WritableImage):
             msg = "image writer is closed"
             raise InvalidArgumentError(msg, path=self.path, field="fd")
         if self._failed is not None:
-            msg = f"an earlier metadata update failed ({self._failed}); reopen the image"
+            msg = f"an earlier write to the image failed ({self._failed}); reopen the image"
             raise ImageIOError(msg, path=self.path, field="state")
 
     def _check_write(self, offset: int, length: int) -> None:
@@ -927,16 +944,16 @@ class Qcow2Writer(WritableImage):
         try:
             self._commit_steps()
         except BaseException as exc:
-            self._failed = type(exc).__name__
+            self._failed = self._failed or type(exc).__name__
             raise
 
     def _commit_steps(self) -> None:
         cs = self.cluster_size
         # 1. New clusters exist, durably; then new L2 tables, changed refcount blocks,
         #    a moved table.
-        if self._file_end < self._end * cs:
-            self._truncate(self._end * cs)
-        if self._synced_end < self._end * cs:
+        if self._file_end < self._alloc_end * cs:
+            self._truncate(self._alloc_end * cs)
+        if self._synced_end < self._alloc_end * cs:
             self._fsync()
         for off, idx in self._l2d_idx.items():
             if idx is None:
@@ -1065,6 +1082,7 @@ class Qcow2Writer(WritableImage):
             clusters = -(-needed * 8 // cs)
             start = self._end
             self._end += clusters
+            self._alloc_end = self._end
             self._meta.update(range(start, start + clusters))
             for c in range(start, start + clusters):
                 self._change(c, 1)
@@ -1173,6 +1191,7 @@ class Qcow2Writer(WritableImage):
             self._fsync()
             self.file_size = length
             self._end = last + 1
+            self._alloc_end = min(self._alloc_end, self._end)
             self._hint = min(self._hint, self._end)
         log.info("image_emptied", path=self.path, file_size=self._file_end)
 

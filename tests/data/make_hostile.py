@@ -542,6 +542,13 @@ def _rc_leak() -> bytes:
     return b.poke(b.rb_offset + 2 * nc, ">H", 1).bytes()
 
 
+@case("ref-refcount-past-eof")
+def _rc_past_eof() -> bytes:
+    # A refcount for cluster 200 of an 11-cluster file: QEMU's check ignores it.
+    b = build()
+    return b.poke(b.rb_offset + 2 * 200, ">H", 7).bytes()
+
+
 @case("ref-copied-refcount-2")
 def _rc_two() -> bytes:
     # COPIED set on an L2 entry whose refcount is 2 (QEMU: "OFLAG_COPIED data cluster").

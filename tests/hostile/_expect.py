@@ -101,6 +101,7 @@ EXPECT: dict[str, Expect] = {
     "ref-block-on-l1": _reads("check"),
     "ref-refcount-too-low": _reads("check"),
     "ref-leak": _reads("check"),
+    "ref-refcount-past-eof": _reads("reads"),
     "ref-copied-refcount-2": _reads("check"),
     # iotests 080: header fields out of range, sizes that overflow.
     "hdr-header-length-ffffffff": _open(C, "header_length"),
