@@ -123,6 +123,28 @@ def _op_repair(path: Path, roots: list[Path], out: Path) -> Any:
             copy.unlink()
 
 
+def _op_write(path: Path, roots: list[Path], out: Path) -> Any:
+    """Write through boxdisk's writer into a copy (beside the image), then check the copy."""
+    from boxdisk.image._qcow2_write import Qcow2Writer  # noqa: PLC0415
+
+    copy = path.with_name(f".written-{path.name}")
+    try:
+        shutil.copyfile(path, copy)
+        try:
+            before = check(copy).exit_code
+        except BoxdiskError:
+            before = None
+        with Qcow2Writer.open(copy) as w:
+            size = w.size
+            for offset in (0, size // 2 // 512 * 512, max(0, size - 4096) // 512 * 512):
+                w.write(offset, b"\xa5" * min(4096, size - offset))
+            w.write_zeroes(0, min(size, 512))
+        return before, check(copy).exit_code
+    finally:
+        if copy.exists():
+            copy.unlink()
+
+
 def _op_verify(path: Path, roots: list[Path], out: Path) -> Any:
     from boxdisk.store import BoxStore  # noqa: PLC0415 - only when the store is fuzzed
 
@@ -163,6 +185,7 @@ OPS: dict[str, Callable[[Path, list[Path], Path], Any]] = {
     "header": _op_header,
     "verify": _op_verify,
     "repair": _op_repair,
+    "write": _op_write,
     **{f"canary-{k}": _canary(k) for k in ("raise", "alloc", "spin", "huge", "hang")},
 }
 

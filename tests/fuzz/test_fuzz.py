@@ -1,15 +1,18 @@
-"""Hypothesis fuzzing: mutated valid images through every read-side operation.
+"""Hypothesis fuzzing: mutated valid images through every operation that reads them.
 
 For each seed (QEMU-made, boxdisk-made and the corpus's pristine images),
 hypothesis draws a few structure-aware edits (tests/fuzz/mutate.py), writes
 the result next to the seed's backing files, and the fuzz worker runs open,
-map, a read of every extent, check, flatten and the header readers on it,
-backing files confined to that directory. Every call must return or raise a
-BoxdiskError subclass, within 2 s of CPU and 256 MiB of peak RSS
-(tests/fuzz/harness.py explains how those are measured).
+map, a read of every extent, check, flatten and the header readers on it
+(backing files confined to that directory), then repairs a copy (check with
+``repair="all"``) and writes into another copy with boxdisk's writer: an image
+that checked clean must not check corrupt after the writes. Every call must
+return or raise a BoxdiskError subclass, within 2 s of CPU and 256 MiB of peak
+RSS (tests/fuzz/harness.py explains how those are measured). A small store
+with one of its images mutated must also survive ``verify``.
 
-Budget: ``BOXDISK_FUZZ_EXAMPLES`` examples per seed (default 300, half that
-per store image: about 5,500 inputs, under a minute on two cores).
+Budget: ``BOXDISK_FUZZ_EXAMPLES`` examples per seed (default 200, half that
+per store image: about 3,700 inputs, under a minute on two cores).
 Under CI the examples are derandomized, so a red CI run reproduces; locally
 they are random and hypothesis keeps failures in .hypothesis/. The ``slow``
 test runs 25 times more, randomly, with up to 8 edits per input, for hunting.
@@ -33,8 +36,8 @@ from .seeds import SEEDS, STORE_TARGETS, Seed, StoreSeed
 
 pytestmark = pytest.mark.qemu
 
-OPS = ("header", "open", "map", "read", "check", "flatten")
-EXAMPLES = int(os.environ.get("BOXDISK_FUZZ_EXAMPLES", "300"))
+OPS = ("header", "open", "map", "read", "check", "flatten", "repair", "write")
+EXAMPLES = int(os.environ.get("BOXDISK_FUZZ_EXAMPLES", "200"))
 _CI = bool(os.environ.get("CI"))
 
 _SETTINGS = settings(
@@ -60,20 +63,33 @@ def run_mutant(seed: Seed, data: bytes, worker: Worker, work: Path,
     return problems(worker.run(top, ops, (d,)))
 
 
+#: What boxdisk refuses by design on a valid seed: check and repair refuse persistent
+#: bitmaps; the writer refuses extended L2 entries, internal snapshots and bitmaps.
+_REFUSED = {
+    "q-bitmap": ("check", "repair", "write"),
+    "q-extl2": ("write",),
+    "c-extl2": ("write",),
+    "q-snapshot": ("write",),
+}
+
+
 def test_every_seed_is_valid_and_clean(seeds: dict[str, Seed], worker: Worker,
                                        fuzz_dir: Path) -> None:
-    """Unmutated, each seed opens, reads, checks clean and flattens."""
+    """Unmutated, each seed opens, reads, checks clean, flattens, repairs and takes writes."""
     assert sorted(seeds) == sorted(SEEDS)
     for name, seed in seeds.items():
         results = worker.run(_write(seed, seed.top, fuzz_dir), OPS, (fuzz_dir / name,))
         assert not problems(results), name
         outcome = {r["op"]: r for r in results}
-        if name == "q-bitmap":  # check refuses persistent bitmaps, by design
-            assert outcome.pop("check")["error"] == "UnsupportedFeatureError"
-        else:
+        for op in _REFUSED.get(name, ()):
+            assert outcome.pop(op)["error"] == "UnsupportedFeatureError", (name, op)
+        if "check" in outcome:
             assert outcome["check"]["value"] == "0", (name, outcome["check"])
         for r in outcome.values():
             assert r["outcome"] == "ok", (name, r)
+        for op in ("repair", "write"):
+            if op in outcome:
+                assert outcome[op]["value"] == "(0, 0)", (name, outcome[op])
 
 
 def _write(seed: Seed, data: bytes, work: Path) -> Path:
