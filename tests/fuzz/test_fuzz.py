@@ -50,17 +50,22 @@ _SETTINGS = settings(
 )
 
 
-def run_mutant(seed: Seed, data: bytes, worker: Worker, work: Path,
-               ops: tuple[str, ...] = OPS) -> list[str]:
-    """Write ``data`` as the seed's top image beside its backing files; run ``ops``."""
+def _write(seed: Seed, data: bytes, work: Path) -> Path:
+    """Write ``data`` as the seed's top image, beside (fresh copies of) its backing files."""
     d = work / seed.name
-    if not d.exists():
-        d.mkdir()
-        for name, content in seed.beside.items():
-            (d / name).write_bytes(content)
+    d.mkdir(exist_ok=True)
+    for name, content in seed.beside.items():
+        (d / name).write_bytes(content)
     top = d / "fuzzed.qcow2"
     top.write_bytes(data)
-    return problems(worker.run(top, ops, (d,)))
+    return top
+
+
+def run_mutant(seed: Seed, data: bytes, worker: Worker, work: Path,
+               ops: tuple[str, ...] = OPS) -> list[str]:
+    """Run ``ops`` on ``data`` as the seed's top image; the broken promises, if any."""
+    top = _write(seed, data, work)
+    return problems(worker.run(top, ops, (top.parent,)))
 
 
 #: What boxdisk refuses by design on a valid seed: check and repair refuse persistent
@@ -90,16 +95,6 @@ def test_every_seed_is_valid_and_clean(seeds: dict[str, Seed], worker: Worker,
         for op in ("repair", "write"):
             if op in outcome:
                 assert outcome[op]["value"] == "(0, 0)", (name, outcome[op])
-
-
-def _write(seed: Seed, data: bytes, work: Path) -> Path:
-    d = work / seed.name
-    d.mkdir(exist_ok=True)
-    for name, content in seed.beside.items():
-        (d / name).write_bytes(content)
-    top = d / "fuzzed.qcow2"
-    top.write_bytes(data)
-    return top
 
 
 @pytest.mark.parametrize("seed_name", SEEDS)
