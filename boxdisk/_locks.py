@@ -27,6 +27,9 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
+import secrets
+import stat
 import struct
 from collections.abc import Iterable
 
@@ -38,10 +41,14 @@ __all__ = [
     "PERM_WRITE",
     "PERM_WRITE_UNCHANGED",
     "being_written",
+    "create_temp",
     "ensure_consistent_read",
     "ensure_not_in_use",
     "image_in_use",
     "lock_for_write",
+    "remove_stale_temp",
+    "remove_stale_temps",
+    "temp_held",
 ]
 
 PERM_CONSISTENT_READ = 0
@@ -190,3 +197,116 @@ def ensure_consistent_read(paths: Iterable[str | os.PathLike[str]], action: str)
                    f"(a running VM?); the result would not be consistent "
                    f"(force_share=True reads it anyway)")
             raise DiskInUseError(msg, path=path, field="lock", value=_PERM_BASE + PERM_WRITE)
+
+
+# -- temporary files of crash-safe writers --------------------------------------------
+#
+# A file replaced crash-safely is first written as ``.NAME.<12 hex>.tmp`` beside it. Its
+# writer holds an exclusive flock(2) on it from creation until it is renamed into place
+# or removed; the kernel drops the lock when the writer dies. A temporary file nobody
+# holds is therefore a leftover of a killed writer, and whoever next writes NAME (or the
+# store's gc) removes it. flock is independent of QEMU's OFD lock bytes above.
+
+
+def _temp_name(name: str) -> str:
+    return f".{name[:200]}.{secrets.token_hex(6)}.tmp"
+
+
+def create_temp(directory: str, name: str, mode: int = 0o666) -> tuple[int, str]:
+    """Create and lock a new empty temporary file for ``name`` in ``directory``.
+
+    Returns (fd, path); the lock lasts as long as the descriptor. ``mode`` less
+    the umask (0666: as qemu-img creates images). Raises OSError.
+    """
+    while True:
+        tmp = os.path.join(directory, _temp_name(name))
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        except FileExistsError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            # Between open and flock a sweeper may have found the file unlocked and
+            # removed it: then this descriptor is no longer the path's; take another name.
+            mine = os.fstat(fd)
+            now = os.lstat(tmp)
+            if (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino):
+                return fd, tmp
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        os.close(fd)
+
+
+def _open_temp(path: str) -> tuple[int, os.stat_result] | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                     | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        st = None
+    if st is None or not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        return None
+    return fd, st
+
+
+def temp_held(path: str | os.PathLike[str]) -> bool:
+    """Whether a live writer holds the temporary file ``path`` (False when it is gone)."""
+    opened = _open_temp(os.fspath(path))
+    if opened is None:
+        return False
+    fd, _st = opened
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def remove_stale_temp(path: str | os.PathLike[str]) -> bool:
+    """Remove the temporary file ``path`` if no writer holds it; whether it was removed.
+
+    The file is removed while this process holds its lock, so a writer that
+    created it a moment ago (and has not locked it yet) notices and moves on.
+    """
+    p = os.fspath(path)
+    opened = _open_temp(p)
+    if opened is None:
+        return False
+    fd, st = opened
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        now = os.lstat(p)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            return False
+        os.unlink(p)
+    except OSError:  # held by a live writer (BlockingIOError), or gone meanwhile
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def remove_stale_temps(directory: str, name: str) -> int:
+    """Remove the temporary files killed writers left for ``name`` in ``directory``.
+
+    Only names of the form :func:`create_temp` makes for ``name`` are looked
+    at, and only unlocked ones go. Returns how many were removed.
+    """
+    pattern = re.compile(rf"\.{re.escape(name[:200])}\.[0-9a-f]{{12}}\.tmp")
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0
+    return sum(remove_stale_temp(os.path.join(directory, n))
+               for n in names if pattern.fullmatch(n))

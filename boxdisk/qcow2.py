@@ -26,6 +26,7 @@ from ._errors import (
     ImageIOError,
     InvalidArgumentError,
 )
+from ._locks import create_temp
 from ._log import get_logger
 from .format import (
     MAX_CLUSTER_BITS,
@@ -175,16 +176,16 @@ def _write_new_image(path: Path, writes: tuple[tuple[int, bytes], ...], file_siz
     With ``replace=True`` an existing file is replaced (rename over it).
     """
     directory = os.path.dirname(path) or "."
-    tmp = os.path.join(directory, f".{path.name}.{os.urandom(6).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    # Locked until it is in place or gone: a stale one (its writer killed) is removable.
+    fd, tmp = create_temp(directory, path.name, 0o644)
     try:
-        try:
-            for offset, data in writes:
-                os.pwrite(fd, data, offset)
-            os.ftruncate(fd, file_size)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        for offset, data in writes:
+            view, at = memoryview(data), offset
+            while view:  # a filling disk first writes less than asked, then fails
+                n = os.pwrite(fd, view, at)
+                view, at = view[n:], at + n
+        os.ftruncate(fd, file_size)
+        os.fsync(fd)
         if replace:
             os.replace(tmp, path)
         else:
@@ -195,6 +196,7 @@ def _write_new_image(path: Path, writes: tuple[tuple[int, bytes], ...], file_siz
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        os.close(fd)
     _fsync_dir(directory)
     return True
 
@@ -403,7 +405,10 @@ def rewrite_backing_reference(
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         try:
-            os.pwrite(fd, data, 0)
+            view, offset = memoryview(data), 0
+            while view:  # a filling disk first writes less than asked, then fails
+                n = os.pwrite(fd, view, offset)
+                view, offset = view[n:], offset + n
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -99,14 +99,18 @@ class RawWriter(RawImage, WritableImage):
             raise InvalidArgumentError(msg, path=self.path, field="offset", value=offset)
 
     def _pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
-        try:
-            done = os.pwrite(self.fd, data, offset)
-        except OSError as exc:
-            msg = f"cannot write {len(data)} bytes at {offset}: {exc.strerror}"
-            raise ImageIOError(msg, path=self.path, field="offset", value=offset) from exc
-        if done != len(data):
-            msg = f"short write at {offset} ({done} of {len(data)} bytes)"
-            raise ImageIOError(msg, path=self.path, field="offset", value=offset)
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):  # a filling disk first writes less than asked, then fails
+            try:
+                n = os.pwrite(self.fd, view[done:], offset + done)
+            except OSError as exc:
+                msg = f"cannot write {len(view)} bytes at {offset}: {exc.strerror}"
+                raise ImageIOError(msg, path=self.path, field="offset", value=offset) from exc
+            if n <= 0:
+                msg = f"short write at {offset} ({done} of {len(view)} bytes)"
+                raise ImageIOError(msg, path=self.path, field="offset", value=offset)
+            done += n
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write guest bytes at ``offset``."""

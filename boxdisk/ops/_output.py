@@ -6,12 +6,12 @@ import contextlib
 import ctypes
 import os
 import queue
-import secrets
 import threading
 from collections.abc import Callable, Iterator
 from typing import cast
 
 from boxdisk._errors import BoxdiskError, DiskExistsError, ImageIOError
+from boxdisk._locks import create_temp, remove_stale_temps
 
 __all__ = ["Writeback", "atomic_output"]
 
@@ -100,17 +100,6 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def _create_temp(directory: str, name: str) -> tuple[int, str]:
-    """A new empty file next to the target, mode 0666 less the umask (as qemu-img makes)."""
-    while True:
-        tmp = os.path.join(directory, f".{name[:200]}.{secrets.token_hex(6)}.tmp")
-        try:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-        except FileExistsError:
-            continue
-        return fd, tmp
-
-
 def _move_into_place(tmp: str, dst: str, *, overwrite: bool) -> None:
     if overwrite:
         os.replace(tmp, dst)
@@ -132,7 +121,12 @@ def atomic_output(dst: str, *, overwrite: bool) -> Iterator[tuple[int, Writeback
     then renamed over ``dst`` (``overwrite=True``) or hard-linked to it (so an
     existing ``dst`` is never clobbered, even by a racing creator), and the
     directory is fsynced. On any error the temporary
-    file is removed and ``dst`` is untouched.
+    file is removed and ``dst`` is untouched, but for one case: when that last
+    directory fsync fails after an ``overwrite``, the complete new file stays
+    in place (the old one is gone) and the error is still raised.
+
+    The temporary file is locked (``flock``) for as long as it is written, so
+    the next write to ``dst`` removes any a killed writer left (unlocked).
     """
     directory = os.path.dirname(os.path.abspath(dst))
     name = os.path.basename(dst)
@@ -140,7 +134,9 @@ def atomic_output(dst: str, *, overwrite: bool) -> Iterator[tuple[int, Writeback
         msg = "destination exists; pass overwrite=True to replace it"
         raise DiskExistsError(msg, path=dst, field="dst", value=dst)
     try:
-        fd, tmp = _create_temp(directory, name)
+        # What a killed writer to the same destination left goes first (nobody holds it).
+        remove_stale_temps(directory, name)
+        fd, tmp = create_temp(directory, name)
     except OSError as exc:
         msg = f"cannot create a temporary file in {directory!r}: {exc.strerror}"
         raise ImageIOError(msg, path=dst, field="dst") from exc
@@ -153,7 +149,15 @@ def atomic_output(dst: str, *, overwrite: bool) -> Iterator[tuple[int, Writeback
             os.fsync(fd)
             _move_into_place(tmp, dst, overwrite=overwrite)
             done = True
-            _fsync_dir(directory)
+            try:
+                _fsync_dir(directory)
+            except OSError:
+                if not overwrite:
+                    # dst is ours (the link is exclusive): take it back, so that the error
+                    # leaves no file. A replaced dst cannot come back; the new one stays.
+                    with contextlib.suppress(OSError):
+                        os.unlink(dst)
+                raise
         except BoxdiskError:
             raise
         except OSError as exc:
@@ -161,7 +165,7 @@ def atomic_output(dst: str, *, overwrite: bool) -> Iterator[tuple[int, Writeback
             raise ImageIOError(msg, path=dst, field="dst") from exc
     finally:
         writeback.close()
-        os.close(fd)
-        if not done:
+        if not done:  # removed while still locked by this writer
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+        os.close(fd)

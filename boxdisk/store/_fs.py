@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,30 @@ __all__ = [
 _MAX_JSON = 1 << 20
 
 
+@contextlib.contextmanager
+def _naming(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Let an OSError of a call on a file descriptor name its file (errors name files)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = os.fspath(path)
+        raise
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until all of ``data`` is written (a filling disk writes less, then fails)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def fsync_dir(path: str | os.PathLike[str]) -> None:
     """Make a directory's entries (creations, renames, removals) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.fsync(fd)
+        with _naming(path):
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -46,9 +66,10 @@ def write_json(path: Path, value: Any, *, durable: bool = True) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         try:
-            os.write(fd, data)
-            if durable:
-                os.fsync(fd)
+            with _naming(tmp):
+                _write_all(fd, data)
+                if durable:
+                    os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -64,11 +85,17 @@ def write_new_file(path: Path, data: bytes) -> None:
     """Create ``path`` (never over an existing file) holding ``data``, fsynced.
 
     The directory is not fsynced: callers fsync it once after all its new entries.
+    On an error the file is removed again.
     """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
+        with _naming(path):
+            _write_all(fd, data)
+            os.fsync(fd)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        raise
     finally:
         os.close(fd)
 
@@ -122,11 +149,15 @@ def copy_sparse(src: Path, dst: Path) -> int:
                     data = os.pread(sfd, min(_CHUNK, end - start), start)
                     if not data:
                         break
-                    os.pwrite(dfd, data, start)
-                    start += len(data)
+                    with _naming(dst):
+                        view = memoryview(data)
+                        while view:  # a filling disk writes less than asked, then fails
+                            n = os.pwrite(dfd, view, start)
+                            view, start = view[n:], start + n
                 pos = end
-            os.ftruncate(dfd, size)
-            os.fsync(dfd)
+            with _naming(dst):
+                os.ftruncate(dfd, size)
+                os.fsync(dfd)
         finally:
             os.close(dfd)
     finally:

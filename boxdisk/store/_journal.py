@@ -87,7 +87,13 @@ class Journal:
         body = {"op": op, "opid": opid, "keys": list(keys), "pid": os.getpid(),
                 "started": time.time(), "data": data}
         write_new_file(path, dump_json(body))
-        fsync_dir(self._dir)
+        try:
+            fsync_dir(self._dir)
+        except BaseException:
+            # Nothing was done yet: a record that may not last must not stay either.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            raise
         return Record(opid, op, tuple(keys), data, path)
 
     def finish(self, record: Record) -> None:

@@ -74,8 +74,11 @@ class StoreLocks:
             op = getattr(self._local, "op", "?")
             info = {"pid": os.getpid(), "key": key, "op": op, "since": time.time()}
             data = json.dumps(info).encode()[:_HOLDER_BYTES]
-            # Overwritten in place at a fixed size: no truncate, no block allocation.
-            os.pwrite(fd, data.ljust(_HOLDER_BYTES), 0)
+            # Overwritten in place at a fixed size: no truncate, no block allocation. Only a
+            # note for whoever waits: a full disk or an I/O error must not refuse the lock
+            # (recovery needs it most then).
+            with contextlib.suppress(OSError):
+                os.pwrite(fd, data.ljust(_HOLDER_BYTES), 0)
 
         return write
 

@@ -32,6 +32,7 @@ from boxdisk._errors import (
     BoxdiskError,
     CorruptImageError,
     DependentsExistError,
+    ImageIOError,
     InvalidArgumentError,
     LockTimeoutError,
     NotFoundError,
@@ -39,7 +40,7 @@ from boxdisk._errors import (
     StoreError,
     StoreFormatError,
 )
-from boxdisk._locks import ensure_not_in_use, image_in_use
+from boxdisk._locks import ensure_not_in_use, image_in_use, remove_stale_temp, temp_held
 from boxdisk._log import get_logger
 from boxdisk.chain import open_chain
 from boxdisk.graph import DependencyGraph
@@ -164,6 +165,25 @@ def _remove_paths(paths: Iterable[Path]) -> None:
         remove_tree(p)
 
 
+@contextlib.contextmanager
+def _reported(what: str, root: Path) -> Iterator[None]:
+    """Raise an OSError of the block (a full disk, an I/O error) as ImageIOError naming the file.
+
+    ``errno`` is kept, so a caller can tell a full disk (``ENOSPC``) from other failures.
+    """
+    try:
+        yield
+    except BoxdiskError:
+        raise
+    except OSError as exc:
+        path = exc.filename if exc.filename is not None else root
+        msg = f"{what} failed: {exc.strerror or exc}"
+        err = ImageIOError(msg, path=path, field="errno",
+                           value=errno.errorcode.get(exc.errno or 0, exc.errno))
+        err.errno = exc.errno
+        raise err from exc
+
+
 def _check_size(size: object) -> int | None:
     if size is None:
         return None
@@ -191,12 +211,13 @@ class BoxStore:
             raise InvalidArgumentError(msg, field="lock_timeout", value=lock_timeout)
         self._closed = True
         self._layout = Layout(Path(os.path.realpath(root)))
-        self._open_or_create()
-        self._locks = StoreLocks(self._layout, float(lock_timeout))
-        self._journal = Journal(self._layout)
-        self._roots = (str(self._layout.root),)
-        self._closed = False
-        self._recover_dead()
+        with _reported("opening the store", self._layout.root):
+            self._open_or_create()
+            self._locks = StoreLocks(self._layout, float(lock_timeout))
+            self._journal = Journal(self._layout)
+            self._roots = (str(self._layout.root),)
+            self._closed = False
+            self._recover_dead()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -324,9 +345,10 @@ class BoxStore:
                 records = [r for r in map(self._journal.load, names) if r is not None]
                 need = wanted.union(*(r.keys for r in records))
                 if need == wanted:
-                    for record in records:
-                        self._recover(record)
-                    yield
+                    with _reported(op, self._layout.root):
+                        for record in records:
+                            self._recover(record)
+                        yield
                     return
             # A crashed operation held more locks than we do: take them all, then recover.
             wanted = need
@@ -1331,7 +1353,9 @@ class BoxStore:
             found.extend(lay.trash / n for n in os.listdir(lay.trash))
         # Re-read the journal after listing: an entry's record is written before it.
         live_opids = live_opids | self._journal.opids()
-        return [p for p in found if not any(o in p.name for o in live_opids)]
+        # A temporary file a live writer holds (flock) is not left over, journaled or not.
+        return [p for p in found if not any(o in p.name for o in live_opids)
+                and not temp_held(p)]
 
     def gc(self, *, dry_run: bool = False) -> GcReport:
         """Remove clone bases nothing depends on and what interrupted operations left behind.
@@ -1342,7 +1366,7 @@ class BoxStore:
         self._check_open()
         start = time.perf_counter()
         lay = self._layout
-        with self._locks.structural("gc"):
+        with _reported("gc", lay.root), self._locks.structural("gc"):
             recovered, live = self._recover_dead(dry_run=dry_run)
             live_opids = {r.opid for r in live}
             graph = self.graph()
@@ -1357,7 +1381,11 @@ class BoxStore:
             if not dry_run:
                 for c in clone_dirs:
                     remove_tree(Path(c))
-                _remove_paths(leftovers)
+                for p in leftovers:
+                    if p.suffix == ".tmp" and p.is_file() and not p.is_symlink():
+                        remove_stale_temp(p)  # under its lock: a writer just starting keeps it
+                    else:
+                        remove_tree(p)
         report = GcReport(dry_run=dry_run, recovered=tuple(recovered),
                           clone_bases=tuple(lay.rel(c) for c in clone_dirs),
                           leftovers=tuple(lay.rel(p) for p in leftovers), bytes_freed=freed)
