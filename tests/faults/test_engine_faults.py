@@ -240,12 +240,17 @@ def work(tmp_path: Path, template: tuple[Path, Refs]) -> Iterator[Callable[[Path
 @pytest.mark.parametrize("mode", ["eio", "eio-persistent", "short"])
 def test_injected_error(qemu: Any, tmp_path: Path, template: tuple[Path, Refs],
                         work: Callable[[Path], Path], name: str, mode: str) -> None:
+    _injected(qemu, tmp_path, template, work, name, mode, POINTS)
+
+
+def _injected(qemu: Any, tmp_path: Path, template: tuple[Path, Refs],
+              work: Callable[[Path], Path], name: str, mode: str, want: int | None) -> None:
     case = CASES[name]
     _tpl, refs = template
     total = count_calls(lambda: case.run(work(tmp_path)))
     assert total > 5
     failures = 0
-    for n in points(total, POINTS):
+    for n in points(total, want or total):
         d = work(tmp_path)
         before = tree_digest(d)
         faults = Faults(n, persistent=mode == "eio-persistent", short=mode == "short")
@@ -259,6 +264,15 @@ def test_injected_error(qemu: Any, tmp_path: Path, template: tuple[Path, Refs],
                last=n == total)
         failures += exc is not None
     assert failures
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("mode", ["eio", "eio-persistent", "short"])
+def test_injected_error_at_every_call(qemu: Any, tmp_path: Path, template: tuple[Path, Refs],
+                                      work: Callable[[Path], Path], name: str,
+                                      mode: str) -> None:
+    _injected(qemu, tmp_path, template, work, name, mode, None)
 
 
 @pytest.mark.parametrize("name", list(CASES))

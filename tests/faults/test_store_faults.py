@@ -243,7 +243,8 @@ def _judge(qemu: Any, pool: ThreadPoolExecutor, tpl: Template, op: Op, work: Pat
     root = work / "store"
     if exc is not None:
         assert isinstance(exc, BoxdiskError), f"{type(exc).__name__} escaped: {exc!r}"
-        assert exc.path is not None, f"the error names no file: {exc!r}"
+        assert exc.path is not None and exc.path != os.fspath(root), (
+            f"the error names no file: {exc!r}")
         assert not injected or is_enospc_or_eio(exc), f"not the injected error: {exc!r}"
         if not persistent:
             assert _leftovers(work) == [], exc
