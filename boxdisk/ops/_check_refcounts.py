@@ -78,9 +78,12 @@ MAX_FINDINGS = 10_000
 _MAX_TRACED = 256
 #: QEMU's check refuses files of more clusters than this (``-EFBIG``).
 _MAX_CLUSTERS = (1 << 31) - 1
-#: The two refcount arrays (computed and on disk) together: 1 GiB each, e.g. 2^29
-#: clusters at 16 bits (2 TiB of 4 KiB clusters). A larger, sparse file is refused.
-_MAX_ARRAY_BYTES = 2 << 30
+#: The two refcount arrays (computed and on disk) together, sized by the file's
+#: length as QEMU sizes them: 160 MiB is 40 Mi clusters at 16 bits (2.5 TiB of
+#: 64 KiB clusters, 20 GiB of 512-byte ones). A larger file is refused, so a
+#: hostile sparse file (a huge hole at its end) cannot push check past boxdisk's
+#: 256 MiB bound on hostile input.
+_MAX_ARRAY_BYTES = 160 << 20
 _INT64_MAX = (1 << 63) - 1
 _ALL_ALLOC = 0xFFFF_FFFF
 _ALL_ZERO = _ALL_ALLOC << 32
