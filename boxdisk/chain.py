@@ -32,6 +32,11 @@ __all__ = ["DEFAULT_MAX_DEPTH", "BackingChain", "Extent", "open_chain"]
 
 log = get_logger(__name__)
 
+#: L1 entries (8 bytes each, held in memory) a whole chain may hold: 64 MiB of them.
+#: One image may have 32 MiB (QEMU's limit); a 10 GiB disk with 64 KiB clusters has
+#: 20 entries. Bounds a hostile chain of many sparse images claiming huge L1 tables.
+MAX_CHAIN_L1_ENTRIES = 8 << 20
+
 #: Most images (the top included) a chain may hold unless the caller says otherwise.
 DEFAULT_MAX_DEPTH = 64
 
@@ -141,6 +146,18 @@ def _backing_link(img: Image, path: str, names: list[str], fallback_format: str 
     return target, fmt
 
 
+def _count_l1(img: Image, path: str, so_far: int) -> int:
+    """Add ``img``'s L1 entries to the chain's count; refuse past MAX_CHAIN_L1_ENTRIES."""
+    header = getattr(img, "header", None)
+    total = so_far + (0 if header is None else header.l1_size)
+    if total > MAX_CHAIN_L1_ENTRIES:
+        msg = (f"the chain's L1 tables hold {total} entries together, over boxdisk's "
+               f"bound of {MAX_CHAIN_L1_ENTRIES} (each is at most 32 MiB; real disks "
+               f"need a few KiB)")
+        raise UnsupportedFeatureError(msg, path=path, field="l1_size", value=total)
+    return total
+
+
 def _open_backing(child: str, path: str, fmt: str, names: list[str],
                   roots: list[str] | None) -> Image:
     try:
@@ -216,6 +233,7 @@ class BackingChain:
         images: list[Image] = []
         names: list[str] = []
         seen: set[tuple[int, int]] = set()
+        l1_entries = 0
         try:
             img = (open_writable(path, format or "qcow2") if writable
                    else _open_image(path, format or "qcow2"))
@@ -223,6 +241,7 @@ class BackingChain:
                 _check_new(img, path, seen, names)
                 images.append(img)
                 names.append(path)
+                l1_entries = _count_l1(img, path, l1_entries)
                 link = _backing_link(img, path, names, backing_format if len(images) == 1
                                      else None, max_depth, roots)
                 if link is None:

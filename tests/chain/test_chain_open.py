@@ -222,3 +222,30 @@ def test_colon_after_a_slash_is_a_plain_name(qemu, tmp_path: Path) -> None:
         assert chain.read(0, 2) == b"\5\5"
     proc = qemu.io("-c", "read -P 5 0 4096", l0, check=False)
     assert "read 4096/4096 bytes" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_chain_of_huge_l1_tables_is_bounded(tmp_path: Path) -> None:
+    """Sparse images may each claim a 32 MiB L1 table; a chain of them is refused, bounded."""
+    import tracemalloc  # noqa: PLC0415 - only this test measures memory
+
+    from boxdisk import BackingFormat, create_cow_child_disk, create_disk  # noqa: PLC0415
+    from boxdisk.chain import MAX_CHAIN_L1_ENTRIES  # noqa: PLC0415
+
+    size = 128 << 30  # 512-byte clusters: 4 Mi L1 entries (32 MiB), QEMU's largest
+    base = create_disk(tmp_path / "l0.qcow2", persistent=True, size=size, cluster_size=512)
+    paths = [base.path]
+    for i in range(1, 4):
+        child = create_cow_child_disk(paths[-1], BackingFormat.QCOW2, tmp_path / f"l{i}.qcow2",
+                                      persistent=True, cluster_size=512)
+        paths.append(child.path)
+    with open_chain(paths[1]) as two:  # two of them fit
+        assert len(two.images) == 2
+    tracemalloc.start()
+    try:
+        with pytest.raises(UnsupportedFeatureError) as err:
+            open_chain(paths[-1])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert err.value.field == "l1_size" and err.value.value > MAX_CHAIN_L1_ENTRIES
+    assert peak < 160 << 20
