@@ -239,7 +239,12 @@ class Worker:
             # Other workers run meanwhile: what a killed one left (an interrupted record,
             # leaked clusters) is reported until recovered; the round's end judges.
             report = s.verify()
-            kinds = sorted({p.kind for p in report.problems})
+            kinds = sorted({"leaks" if p.kind == "check" and p.message.startswith(
+                "0 corruptions") and p.message.endswith(" 0 check errors") else p.kind
+                for p in report.problems})
+            if set(kinds) - {"leaks"} and "interrupted" not in kinds:
+                print("P " + json.dumps([[p.kind, p.path, p.message]
+                                         for p in report.problems]), flush=True)
             return "ok" if report.ok else "problems:" + ",".join(kinds)
         return "ok"
 
@@ -279,6 +284,8 @@ class Figures:
     def __init__(self) -> None:
         self.c: Counter[str] = Counter()
         self.losses: list[str] = []
+        #: What verify reported during the run that no interrupted operation explains.
+        self.suspect: list[str] = []
 
     def loss(self, what: str) -> None:
         self.losses.append(what)
@@ -389,6 +396,8 @@ class Controller:
                     del open_[fd]
                     continue
                 outs[w].append(line)
+                if line.startswith("P "):
+                    self.f.suspect.append(f"round {r} worker {w}: {line[2:].strip()}")
                 if line.startswith("B ") and w in plan and int(line.split()[1]) == plan[w][0]:
                     due[w] = time.monotonic() + plan[w][1]
                 elif line.startswith("E "):
@@ -415,8 +424,9 @@ class Controller:
                     self.f.c["kills at step boundaries"] += 1
                 self.f.c["operations interrupted"] += 1
             elif rc != 0:
+                x = next((i for i, line in enumerate(outs[w]) if line.startswith("X ")), -3)
                 self.f.loss(f"round {r} worker {w} failed (exit {rc}): "
-                            f"{''.join(outs[w][-3:])}{err[-3000:]}")
+                            f"{''.join(outs[w][x:])}{err[-3000:]}")
         self.f.c["processes"] += len(procs)
         self.check(r)
 
@@ -612,6 +622,8 @@ def main() -> int:
             print(f"{k:<{width}}  {v}")
     for loss in f.losses:
         print(f"LOSS: {loss}", file=sys.stderr)
+    for s in f.suspect:
+        print(f"verify during the run, unexplained: {s}", file=sys.stderr)
     return 1 if f.losses else 0
 
 

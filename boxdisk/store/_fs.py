@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from boxdisk._errors import StoreError
+from boxdisk._locks import create_temp
 
 __all__ = [
     "copy_sparse",
@@ -20,6 +21,7 @@ __all__ = [
     "fsync_dir",
     "make_read_only",
     "make_writable",
+    "publish_new_file",
     "read_json",
     "remove_tree",
     "write_json",
@@ -97,6 +99,25 @@ def write_new_file(path: Path, data: bytes) -> None:
             os.unlink(path)
         raise
     finally:
+        os.close(fd)
+
+
+def publish_new_file(path: Path, data: bytes) -> None:
+    """Create ``path`` holding ``data``, fsynced, so that no reader ever sees it half-written.
+
+    The bytes go to a locked temporary file beside it (``create_temp``), which is
+    then hard-linked to ``path`` (never over an existing file). The directory is
+    not fsynced.
+    """
+    fd, tmp = create_temp(os.fspath(path.parent), path.name, 0o644)
+    try:
+        with _naming(path):
+            _write_all(fd, data)
+            os.fsync(fd)
+            os.link(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         os.close(fd)
 
 

@@ -28,7 +28,7 @@ import attrs
 from boxdisk._errors import StoreError
 from boxdisk._log import get_logger
 
-from ._fs import dump_json, fsync_dir, read_json, write_new_file
+from ._fs import dump_json, fsync_dir, publish_new_file, read_json
 from ._layout import Layout, key_hash
 
 __all__ = ["CRASH_ENV", "TRACE_ENV", "Journal", "Record", "crashpoint", "new_opid"]
@@ -86,7 +86,9 @@ class Journal:
         path = self._dir / f"{opid}.{hashes}{_SUFFIX}"
         body = {"op": op, "opid": opid, "keys": list(keys), "pid": os.getpid(),
                 "started": time.time(), "data": data}
-        write_new_file(path, dump_json(body))
+        # Other processes list the journal at any time (recovery, gc, verify): a record must
+        # never be seen half-written, or it would be taken for a dead process's and removed.
+        publish_new_file(path, dump_json(body))
         try:
             fsync_dir(self._dir)
         except BaseException:
@@ -132,8 +134,9 @@ class Journal:
     def load(self, name: str) -> Record | None:
         """Read a record; None when it is gone (finished meanwhile) or was never completed.
 
-        A record is fsynced before its operation's first step, so one that does
-        not parse was being written when its process died: nothing was done yet.
+        A record appears complete (hard-linked into place once written and
+        fsynced), so one that does not parse is not one being written: it was
+        damaged, and is removed (nothing can be recovered from it).
         """
         path = self._dir / name
         try:

@@ -1344,7 +1344,7 @@ class BoxStore:
                 return
             found.extend(directory / n for n in names if n.startswith("."))
 
-        for d in (lay.boxes, lay.bases, lay.clones):
+        for d in (lay.boxes, lay.bases, lay.clones, lay.journal):
             hidden(d)
         for b in self.list_boxes():
             hidden(lay.box_dir(b))

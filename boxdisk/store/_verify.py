@@ -47,6 +47,8 @@ class Verifier:
         self.problems: list[Problem] = []
         self.in_flight: list[str] = []
         self.live_opids: set[str] = set()
+        #: Root-relative paths that operations in flight name (they may be mid-change).
+        self.live_paths: set[str] = set()
         self.images: list[str] = []
         self.boxes: list[str] = []
 
@@ -68,6 +70,7 @@ class Verifier:
                 else:
                     self.in_flight.append(f"{record.op} {record.opid}")
                     self.live_opids.add(record.opid)
+                    self.live_paths |= store._protected([record])
         self.images = store._images()
         self.check_graph(DependencyGraph.scan(self.images))
         for path in self.images:
@@ -135,6 +138,9 @@ class Verifier:
             return None
 
     def _read_only(self, path: Path) -> None:
+        rel = self.lay.rel(path)
+        if rel in self.live_paths or os.path.dirname(rel) in self.live_paths:
+            return  # an operation in flight is changing it (a merge writes into a snapshot)
         if path.stat().st_mode & _WRITE_BITS:
             self.add(path, "writable", "an immutable image is writable")
 

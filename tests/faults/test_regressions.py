@@ -22,8 +22,10 @@ from boxdisk import _locks as locks_module
 from boxdisk._locks import create_temp, remove_stale_temp, remove_stale_temps, temp_held
 from boxdisk.image._qcow2_write import Qcow2Writer
 from boxdisk.store import BoxStore
+from boxdisk.store._journal import Journal
 
 from ..engine.helpers import KIB, MIB, assert_clean, assert_not_corrupt, create
+from ..store.test_locks import _holder  # a child process holding store locks
 from ._faults import Faults, tmpfs
 
 pytestmark = pytest.mark.qemu
@@ -244,3 +246,56 @@ def test_gc_removes_stale_temp_files_but_not_held_ones(tmp_path: Path) -> None:
             os.close(fd)
         assert [os.path.basename(p) for p in store.gc().leftovers] == [os.path.basename(held)]
         assert not os.path.exists(held)
+
+
+# -- verify while another process merges ------------------------------------------------------
+
+
+def test_verify_does_not_flag_a_snapshot_a_live_merge_is_writing(tmp_path: Path) -> None:
+    """A merge makes a dependent snapshot writable while it streams data into it; verify in
+    another process (found by benchmarks/stress.py) called that an immutable image gone
+    writable. Images an operation in flight names are now left to it."""
+    root = tmp_path / "store"
+    with BoxStore(root) as store:
+        store.create_box("aux", size=MIB)
+        store.snapshot("aux", "t1")
+        store.snapshot("aux", "t2")  # t2 backs onto t1: a merge of t1 writes into t2
+        t2 = store.root / "boxes/aux/snapshots/t2/disk.qcow2"
+        with _holder(root, ["box:aux"], "remove_snapshot (box:aux)"):
+            # What remove_snapshot("aux", "t1", merge=True) has done at its first rebase.
+            store._journal.begin("remove_snapshot", ("box:aux",), {
+                "box": "aux", "name": "t1", "trash": ".boxdisk/trash/x", "steps": [
+                    {"image": "boxes/aux/snapshots/t2/disk.qcow2", "target": None,
+                     "format": None, "writable": False}]})
+            t2.chmod(0o644)
+            report = store.verify()
+            assert [p for p in report.problems if p.kind == "writable"] == []
+            assert any(f.startswith("remove_snapshot") for f in report.in_flight)
+
+
+# -- the journal, read by other processes while it is written -----------------------------------
+
+
+def test_a_journal_record_is_never_seen_half_written(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process's recovery (its open, its gc) lists the journal at any instant. A
+    record it saw while the record was still being written did not parse, was taken for a
+    dead process's and deleted, and gc then removed the live operation's staging files
+    (found by benchmarks/stress.py: a snapshot's os.link failed with ENOENT)."""
+    with BoxStore(tmp_path / "store") as store:
+        store.create_box("vm", size=MIB)
+        other = Journal(store._layout)  # another process's view of the same journal
+        seen: list[tuple[str, object]] = []
+        real_write = os.write
+
+        def write(fd: int, data: Any) -> int:
+            for name in other.names():  # a concurrent reader looks right now
+                seen.append((name, other.load(name)))
+            return real_write(fd, data)
+
+        monkeypatch.setattr(os, "write", write)
+        store.snapshot("vm", "s")
+        monkeypatch.undo()
+        assert seen, "the reader never saw the record while the operation ran"
+        assert all(record is not None for _name, record in seen), seen
+        assert store.box("vm").snapshots == ("s",)
