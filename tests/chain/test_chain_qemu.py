@@ -113,7 +113,6 @@ def test_compressed_cluster_sizes(qemu, tmp_path: Path, cluster: int) -> None:
 
 
 def test_zstd_base(qemu, tmp_path: Path) -> None:
-    pytest.importorskip("zstandard")
     ops = tuple(f"write -P {i + 1} {i * 256 * KIB} {100 * KIB}" for i in range(12))
     layers = [Layer("qcow2", 4 * MIB, (), ops, compress="zstd"),
               Layer("qcow2", 4 * MIB, (), ("write -P 3 0 4k", "write -z 1M 64k"))]
