@@ -1353,9 +1353,11 @@ class BoxStore:
             found.extend(lay.trash / n for n in os.listdir(lay.trash))
         # Re-read the journal after listing: an entry's record is written before it.
         live_opids = live_opids | self._journal.opids()
-        # A temporary file a live writer holds (flock) is not left over, journaled or not.
+        # A temporary file a live writer holds (flock) is not left over, journaled or not;
+        # nor is one that is gone by now (a writer published it and removed its name
+        # after the listing: checked after temp_held, which says False for a gone file).
         return [p for p in found if not any(o in p.name for o in live_opids)
-                and not temp_held(p)]
+                and not temp_held(p) and os.path.lexists(p)]
 
     def gc(self, *, dry_run: bool = False) -> GcReport:
         """Remove clone bases nothing depends on and what interrupted operations left behind.

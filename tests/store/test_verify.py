@@ -58,6 +58,30 @@ def test_verify_reports_damage(qemu, bases: BoxStore, tmp_path: Path) -> None:
     assert kinds["missing"] == {"boxes/vm/snapshots/s1"}
 
 
+def test_verify_does_not_report_a_temporary_file_published_meanwhile(
+        qemu, store: BoxStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Found by the stress run: another process's journal record is being published
+    # (written to a locked temporary file, linked into place, the temporary name
+    # removed) while verify lists the journal; the name it listed is gone by the time
+    # it asks whether a writer holds it. The writer is played here by a hook that
+    # removes the file at that moment, as the publishing process does.
+    from boxdisk.store import _store
+
+    store.create_box("vm", size=SIZE)
+    tmp = store.root / ".boxdisk" / "journal" / ".0123456789abcdef.feed.json.0123456789ab.tmp"
+    tmp.write_bytes(b"{}")
+    real = _store.temp_held
+
+    def published(path: os.PathLike[str]) -> bool:
+        if os.fspath(path) == os.fspath(tmp):
+            tmp.unlink()
+        return real(path)
+
+    monkeypatch.setattr(_store, "temp_held", published)
+    assert store.verify().ok
+    assert store.gc().leftovers == ()
+
+
 def test_verify_reports_an_interrupted_operation_it_does_not_own(qemu, tmp_path: Path) -> None:
     root = tmp_path / "store"
     with BoxStore(root) as store:
