@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from boxdisk.qcow2 import rewrite_backing_reference
-from boxdisk.store import BoxStore
+from boxdisk.store import BoxStore, _store
 from boxdisk.store._journal import CRASH_ENV
 
 from .helpers import SIZE, run_store
@@ -65,8 +65,6 @@ def test_verify_does_not_report_a_temporary_file_published_meanwhile(
     # removed) while verify lists the journal; the name it listed is gone by the time
     # it asks whether a writer holds it. The writer is played here by a hook that
     # removes the file at that moment, as the publishing process does.
-    from boxdisk.store import _store
-
     store.create_box("vm", size=SIZE)
     tmp = store.root / ".boxdisk" / "journal" / ".0123456789abcdef.feed.json.0123456789ab.tmp"
     tmp.write_bytes(b"{}")
