@@ -54,7 +54,7 @@ def qemu_command(qemu: str, disk: Path, qmp: Path) -> list[str]:
 class Qmp:
     """The least QMP client that works: one command at a time, events skipped."""
 
-    def __init__(self, path: Path, timeout: float = 30.0) -> None:
+    def __init__(self, path: Path, proc: subprocess.Popen[str], timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -64,6 +64,10 @@ class Qmp:
                 break
             except OSError:
                 self._sock.close()
+                if proc.poll() is not None:  # QEMU refused to start: say why
+                    _out, err = proc.communicate()
+                    msg = f"QEMU exited with status {proc.returncode}: {err.strip()}"
+                    raise RuntimeError(msg) from None
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
@@ -112,7 +116,7 @@ def run_vm(store: boxdisk.BoxStore, box: boxdisk.Box, qemu: str) -> bool:
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        qmp = Qmp(qmp_path)
+        qmp = Qmp(qmp_path, proc)
         try:
             [drive] = [b for b in qmp.execute("query-block") if b["device"] == "virtio0"]
             opened = chain_files(drive["inserted"]["image"])
