@@ -84,7 +84,9 @@ _MAX_CLUSTERS = (1 << 31) - 1
 #: hostile sparse file (a huge hole at its end) cannot push check past boxdisk's
 #: 256 MiB bound on hostile input.
 _MAX_ARRAY_BYTES = 160 << 20
-_INT64_MAX = (1 << 63) - 1
+#: QEMU's BDRV_MAX_LENGTH (2^63 - 2^30): a read that would end past it fails with EIO
+#: before reaching the file (block/io.c), so a refcount block there is unreadable.
+_BDRV_MAX_LENGTH = (1 << 63) - (1 << 30)
 _ALL_ALLOC = 0xFFFF_FFFF
 _ALL_ZERO = _ALL_ALLOC << 32
 _SNAPSHOT_HEADER = struct.Struct(">QIHHIIQII")  # 40 bytes (QCowSnapshotHeader)
@@ -564,7 +566,7 @@ class Walk:
             off = raw & REFT_OFFSET_MASK
             if not off:
                 ondisk.frombytes(zero_block)
-            elif off & (cs - 1) or off > _INT64_MAX:  # QEMU cannot read it: EIO
+            elif off & (cs - 1) or off > _BDRV_MAX_LENGTH - cs:  # QEMU cannot read it: EIO
                 self.bad_blocks.add(bi)
                 ondisk.frombytes(zero_block)
             else:
@@ -585,7 +587,7 @@ class Walk:
         off = raw & REFT_OFFSET_MASK
         if not off:
             return 0
-        if off & (self.cs - 1) or off > _INT64_MAX:
+        if off & (self.cs - 1) or off > _BDRV_MAX_LENGTH - self.cs:
             return None
         block = self._block_cache.get(off)
         if block is None:
@@ -970,7 +972,8 @@ class Walk:
             if bi in self.bad_blocks:
                 for k in range(a, b):
                     self._add(FindingKind.REFCOUNT_UNREADABLE,
-                              "refcount block offset is not cluster-aligned, or past 2^63",
+                              "refcount block offset is not cluster-aligned, or past "
+                              "QEMU's largest readable offset (2^63 - 2^30)",
                               table="refcount table", index=bi, cluster=k, offset=k << cb)
                 continue
             if imrt[a:b] == od[a:b]:

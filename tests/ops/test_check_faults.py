@@ -142,6 +142,21 @@ def _refblock_past_end(lay: Layout) -> None:
     lay.put(lay.rt_offset, _near_past_end(lay))
 
 
+#: QEMU's BDRV_MAX_LENGTH: a read that would end past it fails (EIO) before the file.
+_MAX_LENGTH = (1 << 63) - (1 << 30)
+
+
+def _refblock_at_last_readable(lay: Layout) -> None:
+    # Ends exactly at QEMU's limit: read (as zeros, past the end of the file).
+    lay.put(lay.rt_offset, _MAX_LENGTH - lay.cs)
+
+
+def _refblock_unreadable(lay: Layout) -> None:
+    # One cluster further: every refcount it holds is an I/O error to QEMU (found by
+    # the slow property test with 0x7fffffffffffc000 in a 16 KiB-cluster image).
+    lay.put(lay.rt_offset, _MAX_LENGTH)
+
+
 def _unused_refblock_past_end(lay: Layout) -> None:
     lay.put(lay.rt_offset + 8, _near_past_end(lay))
 
@@ -249,6 +264,11 @@ FAULTS = [
           kinds=frozenset({FindingKind.MISALIGNED, FindingKind.REFCOUNT_UNREADABLE})),
     Fault("refblock-past-end", _refblock_past_end,
           kinds=frozenset({FindingKind.REFCOUNT_BLOCK_PAST_END})),
+    Fault("refblock-at-last-readable-offset", _refblock_at_last_readable,
+          kinds=frozenset({FindingKind.REFCOUNT_BLOCK_PAST_END})),
+    Fault("refblock-unreadable", _refblock_unreadable,
+          kinds=frozenset({FindingKind.REFCOUNT_BLOCK_PAST_END,
+                           FindingKind.REFCOUNT_UNREADABLE})),
     Fault("unused-refblock-past-end", _unused_refblock_past_end,
           kinds=frozenset({FindingKind.REFCOUNT_BLOCK_PAST_END})),
     Fault("copied-cleared-l2", _copied_cleared_l2,
