@@ -135,6 +135,19 @@ def _freeze_committed(live_dir: Path, frozen_dir: Path,
     return False
 
 
+def _freeze_undo(live_dir: Path, frozen_dir: Path, entries: list[dict[str, Any]]) -> None:
+    """Roll back a freeze short of its point of no return: remove the frozen directory.
+
+    Its files are then extra links of the live disks (:func:`_freeze_committed`
+    said so), so dropping them loses nothing.
+    """
+    for e in entries:
+        frozen = frozen_dir / e["disk"]
+        if os.path.lexists(frozen) and _same_file(frozen, live_dir / e["disk"]):
+            os.unlink(frozen)
+    remove_tree(frozen_dir)
+
+
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -878,14 +891,7 @@ class BoxStore:
             self._snapshot_forward(data)
             return
         bdir = lay.box_dir(data["box"])
-        final = lay.abs(data["final"])
-        for e in data["disks"]:
-            # Before the point of no return the snapshot's files are extra links of the
-            # live disks (_snapshot_committed said so): dropping them loses nothing.
-            snap = final / e["disk"]
-            if os.path.lexists(snap) and _same_file(snap, bdir / e["disk"]):
-                os.unlink(snap)
-        remove_tree(final)
+        _freeze_undo(bdir, lay.abs(data["final"]), data["disks"])
         remove_tree(lay.abs(data["stage"]))
         _remove_paths(_hidden_with(bdir, record.opid))
 
@@ -1038,13 +1044,7 @@ class BoxStore:
         sdir = lay.box_dir(data["src"])
         remove_tree(lay.abs(data["dst_stage"]))
         _remove_paths(_hidden_with(sdir, record.opid))
-        cdir = lay.abs(data["clone"])
-        for e in data["disks"]:
-            # Extra links of the source's live disks (_clone_committed said so).
-            frozen = cdir / e["disk"]
-            if os.path.lexists(frozen) and _same_file(frozen, sdir / e["disk"]):
-                os.unlink(frozen)
-        remove_tree(cdir)
+        _freeze_undo(sdir, lay.abs(data["clone"]), data["disks"])
 
     # -- the dependency graph and the removal guard ---------------------------------------
 
