@@ -10,11 +10,11 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import Self
 
-from boxdisk._errors import ImageIOError, InvalidArgumentError
+from boxdisk._errors import CorruptImageError, ImageIOError, InvalidArgumentError
 
 from ._runs import Run, RunKind
 
-__all__ = ["Image", "data_extents", "open_image_fd"]
+__all__ = ["Image", "data_extents", "open_image_fd", "pread_exact"]
 
 
 def open_image_fd(path: str) -> tuple[int, int]:
@@ -47,6 +47,23 @@ def open_image_fd(path: str) -> tuple[int, int]:
         msg = f"cannot inspect: {exc.strerror}"
         raise ImageIOError(msg, path=path, field="path", value=path) from exc
     return fd, size
+
+
+def pread_exact(fd: int, path: str, offset: int, length: int, what: str) -> bytes:
+    """Exactly ``length`` bytes of metadata ``what`` at ``offset``.
+
+    A failed read is an :class:`ImageIOError`, a short one (the table runs past
+    the end of the file) a :class:`CorruptImageError`; both name ``what``.
+    """
+    try:
+        data = os.pread(fd, length, offset)
+    except OSError as exc:
+        msg = f"cannot read {what} at 0x{offset:x}: {exc.strerror}"
+        raise ImageIOError(msg, path=path, field=what, value=offset) from exc
+    if len(data) != length:
+        msg = f"{what} at 0x{offset:x} ({length} bytes) runs past the end of the file"
+        raise CorruptImageError(msg, path=path, field=what, value=offset)
+    return data
 
 
 def data_extents(fd: int, path: str, pos: int, end: int,

@@ -42,7 +42,7 @@ from boxdisk.format import (
     unpack_u64_table,
 )
 
-from ._base import Image, data_extents, open_image_fd
+from ._base import Image, data_extents, open_image_fd, pread_exact
 from ._compress import decompress_cluster, require_codec
 from ._runs import RawRun, Run, RunKind, coalesce
 
@@ -176,15 +176,7 @@ class Qcow2Image(Image):
     # -- raw access ----------------------------------------------------------
 
     def _pread_exact(self, offset: int, length: int, what: str) -> bytes:
-        try:
-            data = os.pread(self.fd, length, offset)
-        except OSError as exc:
-            msg = f"cannot read {what} at 0x{offset:x}: {exc.strerror}"
-            raise ImageIOError(msg, path=self.path, field=what, value=offset) from exc
-        if len(data) != length:
-            msg = f"{what} at 0x{offset:x} ({length} bytes) runs past the end of the file"
-            raise CorruptImageError(msg, path=self.path, field=what, value=offset)
-        return data
+        return pread_exact(self.fd, self.path, offset, length, what)
 
     def _check_host_range(self, start: int, end: int, where: str, what: str) -> None:
         if start >= self.file_size:

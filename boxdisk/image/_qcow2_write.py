@@ -93,7 +93,7 @@ from boxdisk.format import (
     unpack_refcount_block,
 )
 
-from ._base import Image
+from ._base import Image, pread_exact
 from ._compress import decompress_cluster, require_codec
 from ._runs import RawRun, Run, RunKind, coalesce
 from ._write import RawWriter, ReadBelow, WritableImage
@@ -308,18 +308,10 @@ class Qcow2Writer(WritableImage):
             raise UnsupportedFeatureError(msg, path=path, field="extensions", value=EXT_BITMAPS)
 
     def _read_exact(self, offset: int, length: int, what: str) -> bytes:
-        if offset + length > self.file_size:
+        if offset + length > self.file_size:  # before any buffer is sized by ``length``
             msg = f"{what} at 0x{offset:x} ({length} bytes) runs past the end of the file"
             raise CorruptImageError(msg, path=self.path, field=what, value=offset)
-        try:
-            data = os.pread(self._fd, length, offset)
-        except OSError as exc:
-            msg = f"cannot read {what} at 0x{offset:x}: {exc.strerror}"
-            raise ImageIOError(msg, path=self.path, field=what, value=offset) from exc
-        if len(data) != length:
-            msg = f"{what} at 0x{offset:x} ({length} bytes) runs past the end of the file"
-            raise CorruptImageError(msg, path=self.path, field=what, value=offset)
-        return data
+        return pread_exact(self._fd, self.path, offset, length, what)
 
     def _fixed_meta(self, offset: int, clusters: int, what: str) -> None:
         first = offset // self.cluster_size
