@@ -129,12 +129,10 @@ def _unlock_all(fd: int) -> None:
         _ofd(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, _PERM_BASE, _SHARED_BASE + 100 - _PERM_BASE)
 
 
-def image_in_use(path: str | os.PathLike[str]) -> bool:
-    """Whether another open file (a running QEMU, a boxdisk writer) holds QEMU's lock bytes.
+def _probe(path: str | os.PathLike[str], offsets: Iterable[int]) -> bool:
+    """Whether another open file holds any of the lock bytes ``offsets`` of ``path``.
 
-    Any of bytes 100-103 or 200-203 held counts: a VM reading a base image
-    read-only holds 100 and 201, and that base must not be rewritten either.
-    A missing file is not in use.
+    A missing file holds none.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
@@ -144,16 +142,23 @@ def image_in_use(path: str | os.PathLike[str]) -> bool:
         msg = f"cannot open image to probe its locks: {exc.strerror}"
         raise ImageIOError(msg, path=path, field="lock") from None
     try:
-        return any(
-            _held_by_other(fd, base + perm)
-            for base in (_PERM_BASE, _SHARED_BASE)
-            for perm in _ALL_PERMS
-        )
+        return any(_held_by_other(fd, offset) for offset in offsets)
     except OSError as exc:
         msg = f"cannot probe the image's locks: {exc.strerror}"
         raise ImageIOError(msg, path=path, field="lock") from None
     finally:
         os.close(fd)
+
+
+def image_in_use(path: str | os.PathLike[str]) -> bool:
+    """Whether another open file (a running QEMU, a boxdisk writer) holds QEMU's lock bytes.
+
+    Any of bytes 100-103 or 200-203 held counts: a VM reading a base image
+    read-only holds 100 and 201, and that base must not be rewritten either.
+    A missing file is not in use.
+    """
+    return _probe(path, (base + perm for base in (_PERM_BASE, _SHARED_BASE)
+                         for perm in _ALL_PERMS))
 
 
 def ensure_not_in_use(path: str | os.PathLike[str], action: str) -> None:
@@ -169,20 +174,7 @@ def being_written(path: str | os.PathLike[str]) -> bool:
     Readers of a base (bytes 100 and 201) do not count: reading alongside them
     is safe. A missing file is not being written.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
-    except FileNotFoundError:
-        return False
-    except OSError as exc:
-        msg = f"cannot open image to probe its locks: {exc.strerror}"
-        raise ImageIOError(msg, path=path, field="lock") from None
-    try:
-        return _held_by_other(fd, _PERM_BASE + PERM_WRITE)
-    except OSError as exc:
-        msg = f"cannot probe the image's locks: {exc.strerror}"
-        raise ImageIOError(msg, path=path, field="lock") from None
-    finally:
-        os.close(fd)
+    return _probe(path, (_PERM_BASE + PERM_WRITE,))
 
 
 def ensure_consistent_read(paths: Iterable[str | os.PathLike[str]], action: str) -> None:
