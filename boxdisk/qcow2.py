@@ -26,6 +26,7 @@ from ._errors import (
     ImageIOError,
     InvalidArgumentError,
 )
+from ._io import pwrite_all
 from ._locks import create_temp
 from ._log import get_logger
 from .format import (
@@ -180,10 +181,7 @@ def _write_new_image(path: Path, writes: tuple[tuple[int, bytes], ...], file_siz
     fd, tmp = create_temp(directory, path.name, 0o644)
     try:
         for offset, data in writes:
-            view, at = memoryview(data), offset
-            while view:  # a filling disk first writes less than asked, then fails
-                n = os.pwrite(fd, view, at)
-                view, at = view[n:], at + n
+            pwrite_all(fd, data, offset)
         os.ftruncate(fd, file_size)
         os.fsync(fd)
         if replace:
@@ -405,10 +403,7 @@ def rewrite_backing_reference(
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         try:
-            view, offset = memoryview(data), 0
-            while view:  # a filling disk first writes less than asked, then fails
-                n = os.pwrite(fd, view, offset)
-                view, offset = view[n:], offset + n
+            pwrite_all(fd, data, 0)
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Self
 
 from boxdisk._errors import ImageIOError, InvalidArgumentError
+from boxdisk._io import pwrite_all
 from boxdisk._locks import lock_for_write
 from boxdisk._log import get_logger
 
@@ -99,18 +100,11 @@ class RawWriter(RawImage, WritableImage):
             raise InvalidArgumentError(msg, path=self.path, field="offset", value=offset)
 
     def _pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
-        view = memoryview(data).cast("B")
-        done = 0
-        while done < len(view):  # a filling disk first writes less than asked, then fails
-            try:
-                n = os.pwrite(self.fd, view[done:], offset + done)
-            except OSError as exc:
-                msg = f"cannot write {len(view)} bytes at {offset}: {exc.strerror}"
-                raise ImageIOError(msg, path=self.path, field="offset", value=offset) from exc
-            if n <= 0:
-                msg = f"short write at {offset} ({done} of {len(view)} bytes)"
-                raise ImageIOError(msg, path=self.path, field="offset", value=offset)
-            done += n
+        try:
+            pwrite_all(self.fd, data, offset)
+        except OSError as exc:
+            msg = f"cannot write {memoryview(data).nbytes} bytes at {offset}: {exc.strerror}"
+            raise ImageIOError(msg, path=self.path, field="offset", value=offset) from exc
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write guest bytes at ``offset``."""

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 
 from boxdisk._errors import InvalidArgumentError
+from boxdisk._io import pwrite_all
 from boxdisk._locks import ensure_consistent_read, ensure_not_in_use
 from boxdisk._log import get_logger
 from boxdisk.chain import BackingChain
@@ -28,7 +29,7 @@ from boxdisk.format import MAX_L1_BYTES, l1_entries_for
 from boxdisk.image import RunKind
 
 from ._output import Writeback, atomic_output
-from ._sinks import QcowSink, RawSink, Write, pwrite_all
+from ._sinks import QcowSink, RawSink, Write
 
 __all__ = ["Progress", "convert", "flatten"]
 

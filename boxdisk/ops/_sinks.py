@@ -21,7 +21,7 @@ from boxdisk.format import (
     validate_header,
 )
 
-__all__ = ["QcowSink", "RawSink", "Write", "nonzero_clusters", "pwrite_all"]
+__all__ = ["QcowSink", "RawSink", "Write", "nonzero_clusters"]
 
 _REFCOUNT_ORDER = 4  # 16-bit refcounts, QEMU's default
 
@@ -194,9 +194,3 @@ class QcowSink:
         return writes
 
 
-def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    """Write all of ``data`` at ``offset`` (pwrite may write less than asked)."""
-    while len(data):
-        n = os.pwrite(fd, data, offset)
-        data = data[n:]
-        offset += n

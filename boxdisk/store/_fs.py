@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from boxdisk._errors import StoreError
+from boxdisk._io import pwrite_all
 from boxdisk._locks import create_temp
 
 __all__ = [
@@ -171,10 +172,8 @@ def copy_sparse(src: Path, dst: Path) -> int:
                     if not data:
                         break
                     with _naming(dst):
-                        view = memoryview(data)
-                        while view:  # a filling disk writes less than asked, then fails
-                            n = os.pwrite(dfd, view, start)
-                            view, start = view[n:], start + n
+                        pwrite_all(dfd, data, start)
+                    start += len(data)
                 pos = end
             with _naming(dst):
                 os.ftruncate(dfd, size)
