@@ -29,31 +29,18 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _common import best_of
+
 from boxdisk import check
 
 GIB = 1 << 30
 ROOT = str(Path(__file__).resolve().parent.parent)
-
-
-def best_of(n: int, fn: Callable[[], object], before: Callable[[], object] | None = None
-            ) -> float:
-    """Best wall time of ``n`` runs; ``before`` runs (untimed) ahead of each."""
-    times = []
-    for _ in range(n):
-        if before is not None:
-            before()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def qemu_json(*args: str | Path) -> dict[str, object]:

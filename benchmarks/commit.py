@@ -30,15 +30,9 @@ import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _common import GIB, MIB, run
+
 from boxdisk import commit
-
-MIB = 1024 * 1024
-GIB = 1024 * MIB
-
-
-def run(*argv: str | Path, stdin: str | None = None) -> str:
-    return subprocess.run([str(a) for a in argv], check=True, capture_output=True, text=True,
-                          input=stdin).stdout
 
 
 def build(d: Path, size: int, base_data: int, top_data: int) -> None:

@@ -41,38 +41,17 @@ import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _common import GIB, MIB, best_of, run, table
+
 from boxdisk.chain import BackingChain
 from boxdisk.ops import flatten
 
-MIB = 1024 * 1024
-GIB = 1024 * MIB
 ROOT = str(Path(__file__).resolve().parent.parent)
 
 
-def run(*argv: str | Path, stdin: str | None = None) -> str:
-    return subprocess.run([str(a) for a in argv], check=True, capture_output=True, text=True,
-                          input=stdin).stdout
-
-
-def best_of(n: int, fn: Callable[[], None], fresh: Path | None = None) -> float:
-    """Best wall time of ``n`` runs; ``fresh`` is removed (untimed) before each run."""
-    times = []
-    for _ in range(n):
-        if fresh is not None and fresh.exists():
-            fresh.unlink()
-        subprocess.run(["sync"], check=True)
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def table(title: str, rows: list[tuple[str, str, str]]) -> None:
-    print(title)
-    width = max(len(r[0]) for r in rows) + 2
-    for name, value, note in rows:
-        print(f"    {name:<{width}}{value:>14}   {note}")
-    print()
+def _remover(path: Path) -> Callable[[], None]:
+    """Removes ``path`` (untimed, before a run that writes it afresh)."""
+    return lambda: path.unlink(missing_ok=True)
 
 
 def make_layer(path: Path, below: Path | None, size: int, chunks: list[int], chunk: int,
@@ -145,12 +124,12 @@ def bench_a(d: Path, quick: bool, runs: int) -> None:
     pairs = ((boxdisk, out_b), (qemu, out_q), (qemu_writeback, out_qw), (qemu_sync, out_qs),
              (cp, out_c))
     for fn, out in pairs:  # warm the page cache and the code paths
-        best_of(1, fn, out)
+        best_of(1, fn, before=_remover(out), sync=True)
     # Interleave the tools so a burst of load from elsewhere hits them alike.
     best = [float("inf")] * len(pairs)
     for _ in range(runs):
         for i, (fn, out) in enumerate(pairs):
-            best[i] = min(best[i], best_of(1, fn, out))
+            best[i] = min(best[i], best_of(1, fn, before=_remover(out), sync=True))
     t_b, t_q, t_qw, t_qs, t_c = best
     compare(top, out_b)
     compare(top, out_q)
@@ -167,7 +146,7 @@ def bench_a(d: Path, quick: bool, runs: int) -> None:
               ("flatten / qemu-img -t writeback", f"{t_b / t_qw:.2f}x", "like for like"),
               ("flatten / (qemu-img + sync)", f"{t_b / t_qs:.2f}x", "like for like"),
               ("flatten / cp", f"{t_b / t_c:.2f}x", "target <= 1.25x"),
-          ])
+          ], value_width=14)
 
 
 CHILD = """
@@ -206,7 +185,8 @@ def bench_b(d: Path, quick: bool, runs: int) -> None:
         t, rss = out.split()[-2:]
         results.append((float(t), int(rss)))
     compare(top, dst)
-    t_q = best_of(runs, lambda: run("qemu-img", "convert", "-O", "qcow2", top, out_q), out_q)
+    t_q = best_of(runs, lambda: run("qemu-img", "convert", "-O", "qcow2", top, out_q),
+                  before=_remover(out_q), sync=True)
     t, _ = min(results)
     rss = max(r for _, r in results)
     baseline = int(run(sys.executable, "-c", "import resource, sys; sys.path.insert(0, "
@@ -219,7 +199,7 @@ def bench_b(d: Path, quick: bool, runs: int) -> None:
         ("peak RSS, whole process", f"{rss / 1024:.0f} MiB", "target < 100 MiB"),
         ("  of which Python + imports", f"{baseline / 1024:.0f} MiB", "(a process that only "
                                                                        "imports boxdisk)"),
-    ])
+    ], value_width=14)
 
 
 def bench_c(d: Path, quick: bool, runs: int) -> None:
@@ -256,7 +236,7 @@ def bench_c(d: Path, quick: bool, runs: int) -> None:
               ("qemu-io (one process, stdin)", f"{count / t_q:,.0f} /s",
                "includes qemu-io's command parsing and start-up"),
               ("boxdisk / qemu-io", f"{(count / t) / (count / t_q):.2f}x", "higher is faster"),
-          ])
+          ], value_width=14)
 
 
 def main() -> None:

@@ -39,35 +39,9 @@ import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _common import GIB, MIB, best_of, run, table
+
 from boxdisk.chain import open_chain
-
-MIB = 1024 * 1024
-GIB = 1024 * MIB
-
-
-def run(*argv: str | Path, stdin: str | None = None) -> str:
-    return subprocess.run([str(a) for a in argv], check=True, capture_output=True, text=True,
-                          input=stdin).stdout
-
-
-def best_of(n: int, prepare: Callable[[], None], fn: Callable[[], None]) -> float:
-    """Best wall time of ``n`` runs of ``fn``, each after an untimed ``prepare`` and sync."""
-    times = []
-    for _ in range(n):
-        prepare()
-        subprocess.run(["sync"], check=True)
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def table(title: str, rows: list[tuple[str, str, str]]) -> None:
-    print(title)
-    width = max(len(r[0]) for r in rows) + 2
-    for name, value, note in rows:
-        print(f"    {name:<{width}}{value:>16}   {note}")
-    print()
 
 
 def fresh_qcow2(path: Path, size: int, backing: Path | None = None) -> None:
@@ -137,11 +111,12 @@ def sequential(d: Path, runs: int, total: int) -> None:
             best = min(best, results["loop"] - t0)
         return best
 
-    t_box = best_of(runs, lambda: fresh_qcow2(img, total), boxdisk_write(True))
-    t_plain = best_of(runs, lambda: plain.unlink(missing_ok=True), plain_write(True))
-    t_qemu = best_of(runs, lambda: fresh_qcow2(qimg, total), qemu_write)
+    t_box = best_of(runs, boxdisk_write(True), before=lambda: fresh_qcow2(img, total), sync=True)
+    no_plain = lambda: plain.unlink(missing_ok=True)  # noqa: E731
+    t_plain = best_of(runs, plain_write(True), before=no_plain, sync=True)
+    t_qemu = best_of(runs, qemu_write, before=lambda: fresh_qcow2(qimg, total), sync=True)
     t_box_nf = loop_only(boxdisk_write(False))
-    t_plain_nf = best_of(runs, lambda: plain.unlink(missing_ok=True), plain_write(False))
+    t_plain_nf = best_of(runs, plain_write(False), before=no_plain, sync=True)
     # Correctness: boxdisk's image holds exactly the bytes written.
     raw = d / "seq.check.raw"
     run("qemu-img", "convert", "-O", "raw", img, raw)
@@ -197,8 +172,8 @@ def random_writes(d: Path, runs: int, count: int, *, backed: bool) -> None:
     def qemu_writes() -> None:
         run("qemu-io", "-f", "qcow2", "-t", "writeback", qimg, stdin=script + "flush\n")
 
-    t_box = best_of(runs, lambda: fresh_qcow2(img, size, backing), boxdisk_writes)
-    t_qemu = best_of(runs, lambda: fresh_qcow2(qimg, size, backing), qemu_writes)
+    t_box = best_of(runs, boxdisk_writes, before=lambda: fresh_qcow2(img, size, backing), sync=True)
+    t_qemu = best_of(runs, qemu_writes, before=lambda: fresh_qcow2(qimg, size, backing), sync=True)
     check_same(img, qimg)
     what = "child of a full 1 GiB base (copy-up)" if backed else "fresh 1 GiB qcow2"
     table(f"({'c' if backed else 'b'}) {count:,} random 4 KiB writes + one flush, {what}", [
