@@ -1,64 +1,135 @@
-"""structlog access for boxdisk modules; importing boxdisk configures nothing."""
+"""boxdisk's key-value events, delivered as standard-library ``logging`` records.
+
+Every event is a verb plus key-values (``log.info("box_created", box=…, ms=…)``).
+It goes to the stdlib logger of its layer, named ``boxdisk.<layer>``
+(``boxdisk.store``, ``boxdisk.image``, ``boxdisk.chain``, …: see
+:func:`logger_name`), as a record that carries the event twice over:
+
+- ``record.event`` (the verb) and ``record.kv`` (a dict of the key-values), for
+  formatters and for structlog's stdlib integration (``ExtraAdder``);
+- ``record.getMessage()``, rendered only when a handler asks for it, reads
+  ``event key=value …`` for plain ``logging`` set-ups.
+
+boxdisk configures nothing: it adds no handler (not even a ``NullHandler``), sets
+no level and never touches structlog's global configuration. With no logging
+set up, ``logging``'s defaults apply: debug and info events are dropped, and the
+few warning and error events, which mean real trouble, reach stderr through its
+last-resort handler. Nothing is ever written to stdout.
+
+The level is checked before anything else, so a disabled event builds no record,
+renders nothing and reads no clock. Logging never fails an operation: anything a
+filter, handler or formatter raises is swallowed here, whatever
+``logging.raiseExceptions`` says.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import enum
+import logging
+import os
 from typing import Any
 
-__all__ = ["get_logger", "when_structlog_loads"]
+__all__ = ["Logger", "get_logger", "logger_name", "render"]
 
-_hooks: list[Callable[[], None]] = []
-_loaded = False
+_DEBUG, _INFO, _WARNING, _ERROR = logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR
+
+# Frames between the caller's log call and Logger.log: the level method and _emit.
+_STACKLEVEL = 3
 
 
-def when_structlog_loads(hook: Callable[[], None]) -> None:
-    """Run ``hook`` once, right before boxdisk's first log event (now if one was logged).
+def logger_name(module: str) -> str:
+    """The logger a module logs to: ``boxdisk.`` and its layer, without a leading ``_``.
 
-    For the command line, which configures structlog only if something logs.
-    The library itself registers nothing.
+    ``boxdisk.store._journal`` -> ``boxdisk.store``, ``boxdisk._disk`` ->
+    ``boxdisk.disk``, ``boxdisk.qcow2`` -> ``boxdisk.qcow2``. One logger a
+    layer, so the names stay put when files inside a layer move.
     """
-    if _loaded:
-        hook()
-    else:
-        _hooks.append(hook)
+    parts = module.split(".")
+    if len(parts) < 2 or parts[0] != "boxdisk":
+        return module
+    return f"boxdisk.{parts[1].lstrip('_')}"
 
 
-def _load() -> None:
-    global _loaded  # noqa: PLW0603 - a once-only switch
-    if not _loaded:
-        _loaded = True
-        for hook in _hooks:
-            hook()
+def _value(value: Any) -> str:
+    if isinstance(value, enum.Enum):
+        value = value.value
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, bytes):
+        return repr(value)
+    text = value if isinstance(value, str) else str(value)
+    if text and text.isprintable() and not any(c in text for c in " \"'=\\"):
+        return text
+    return repr(text)
 
 
-class _DeferredLogger:
-    """Imports structlog at the first log call, so commands that never log never pay for it."""
+def render(event: str, kv: dict[str, Any]) -> str:
+    """``event key=value …``; a value with spaces, quotes or ``=`` is quoted (``repr``)."""
+    if not kv:
+        return event
+    return f"{event} " + " ".join(f"{key}={_value(value)}" for key, value in kv.items())
 
-    __slots__ = ("_logger", "_name")
 
-    def __init__(self, name: str) -> None:
-        self._name = name
-        self._logger: Any = None
+class _Message:
+    """A record's ``msg``: rendered by ``str()``, that is only if a handler formats it."""
 
-    def __getattr__(self, attr: str) -> Any:
-        logger = self._logger
-        if logger is None:
-            import structlog  # noqa: PLC0415 - deferred on purpose (start-up time)
+    __slots__ = ("event", "kv")
 
-            _load()
-            logger = self._logger = structlog.get_logger(module=self._name)
-        return getattr(logger, attr)
+    def __init__(self, event: str, kv: dict[str, Any]) -> None:
+        self.event = event
+        self.kv = kv
+
+    def __str__(self) -> str:
+        return render(self.event, self.kv)
 
     def __repr__(self) -> str:
-        return f"<boxdisk logger {self._name}>"
+        return f"<boxdisk event {self.event}>"
 
 
-def get_logger(name: str) -> Any:
-    """A lazy structlog logger carrying ``module=name``; events are a verb plus key-values.
+class Logger:
+    """One layer's events; methods take the event name and its key-values."""
 
-    Nothing is resolved until the first event: structlog is imported then, and
-    its configuration is read when each event is logged, so an application (or
-    the CLI) that configures structlog after importing boxdisk still decides
-    where boxdisk's events go.
-    """
-    return _DeferredLogger(name)
+    __slots__ = ("_logger", "name")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._logger = logging.getLogger(name)
+
+    def debug(self, event: str, /, **kv: Any) -> None:
+        """A routine step (opened a chain, scanned a graph)."""
+        if self._logger.isEnabledFor(_DEBUG):
+            self._emit(_DEBUG, event, kv, None)
+
+    def info(self, event: str, /, **kv: Any) -> None:
+        """A completed operation (disk created, box cloned, image checked)."""
+        if self._logger.isEnabledFor(_INFO):
+            self._emit(_INFO, event, kv, None)
+
+    def warning(self, event: str, /, **kv: Any) -> None:
+        """Real trouble that did not stop the operation."""
+        if self._logger.isEnabledFor(_WARNING):
+            self._emit(_WARNING, event, kv, None)
+
+    def error(self, event: str, /, **kv: Any) -> None:
+        """Trouble the caller is about to see as an exception, or cannot see at all."""
+        if self._logger.isEnabledFor(_ERROR):
+            self._emit(_ERROR, event, kv, None)
+
+    def exception(self, event: str, /, **kv: Any) -> None:
+        """``error`` with the exception being handled attached (``exc_info``)."""
+        if self._logger.isEnabledFor(_ERROR):
+            self._emit(_ERROR, event, kv, True)
+
+    def _emit(self, level: int, event: str, kv: dict[str, Any], exc_info: bool | None) -> None:
+        with contextlib.suppress(Exception):  # a log write never fails an operation
+            self._logger.log(level, _Message(event, kv), exc_info=exc_info,
+                             extra={"event": event, "kv": kv}, stacklevel=_STACKLEVEL)
+
+    def __repr__(self) -> str:
+        return f"<boxdisk logger {self.name}>"
+
+
+def get_logger(module: str) -> Logger:
+    """The logger for a boxdisk module (pass ``__name__``); see :func:`logger_name`."""
+    return Logger(logger_name(module))

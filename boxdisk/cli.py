@@ -2,7 +2,8 @@
 
 Each subcommand imports only what it needs, so ``boxdisk --version`` starts fast.
 Errors print one line (``boxdisk: error: …``) and exit non-zero; ``--debug``
-shows the traceback; ``-v`` turns on structlog's console output.
+shows the traceback; ``-v`` logs boxdisk's info events to stderr, ``-vv``
+its debug events too (warnings always go there).
 """
 
 from __future__ import annotations
@@ -10,28 +11,46 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 __all__ = ["main"]
 
 
-def _configure_logging(verbose: bool) -> None:
-    """Warnings (or, with -v, everything) to stderr; set up only when something logs."""
+def _configure_logging(verbosity: int) -> Callable[[], None]:
+    """boxdisk's events to stderr: warnings and errors, ``-v`` info too, ``-vv`` debug too.
 
-    def configure() -> None:
-        import logging  # noqa: PLC0415 - only when something logs
+    Only the ``boxdisk`` logger is configured (the root logger and structlog are
+    left alone), never towards stdout, where commands print their results.
+    Returns the function that puts the logger back as it was, so that
+    :func:`main` called in a process leaves no logging set-up behind.
+    """
+    import logging  # noqa: PLC0415 - not needed by --version or --help
 
-        import structlog  # noqa: PLC0415 - only the CLI configures logging
+    class StderrHandler(logging.Handler):
+        """Writes to whatever ``sys.stderr`` is when the event comes, as logging.lastResort."""
 
-        level = logging.DEBUG if verbose else logging.WARNING
-        structlog.configure(
-            wrapper_class=structlog.make_filtering_bound_logger(level),
-            logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        )
+        def emit(self, record: logging.LogRecord) -> None:
+            try:
+                sys.stderr.write(self.format(record) + "\n")
+            except Exception:  # reported (or not) as logging reports its own errors
+                self.handleError(record)
 
-    from ._log import when_structlog_loads  # noqa: PLC0415
+    levels = (logging.WARNING, logging.INFO, logging.DEBUG)
+    handler = StderrHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s %(message)s",
+                                           datefmt="%Y-%m-%d %H:%M:%S"))
+    logger = logging.getLogger("boxdisk")
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(levels[min(verbosity, len(levels) - 1)])
+    logger.propagate = False
 
-    when_structlog_loads(configure)
+    def restore() -> None:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+    return restore
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -47,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="boxdisk", description="QEMU-exact qcow2 disks and backing chains for sandbox boxes."
     )
     parser.add_argument("--version", action="version", version=f"boxdisk {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log events to stderr")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log boxdisk's events to stderr (-v info, -vv debug)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser("demo", help="run the whole workflow in a temporary directory")
@@ -66,7 +86,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     parser = _parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.verbose)
+    restore_logging = _configure_logging(args.verbose)
+    try:
+        return _run(parser, args)
+    finally:
+        restore_logging()
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

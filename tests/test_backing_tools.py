@@ -9,12 +9,12 @@ resolves them (against the directory of the image naming them).
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import struct
 from pathlib import Path
 
 import pytest
-from structlog.testing import capture_logs
 
 from boxdisk import (
     GUEST_ROOTFS_DISK,
@@ -106,68 +106,72 @@ def test_read_backing_chain_of_qcow2_base(qemu: Qemu, tmp_path: Path) -> None:
     ]
 
 
-def test_read_backing_chain_of_standalone_image(qemu: Qemu, tmp_path: Path) -> None:
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The events boxdisk logged at warning level or above (``record.event``)."""
+    return [getattr(r, "event", r.getMessage()) for r in caplog.records
+            if r.levelno >= logging.WARNING]
+
+
+def test_read_backing_chain_of_standalone_image(qemu: Qemu, tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
     img = tmp_path / "a.qcow2"
     qemu.img("create", "-q", "-f", "qcow2", img, "1M")
-    with capture_logs() as logs:
-        assert read_backing_chain(img) == []
-    assert not [e for e in logs if e["log_level"] == "warning"]
+    assert read_backing_chain(img) == []
+    assert _warnings(caplog) == []
 
 
-def test_read_backing_chain_stops_at_missing_file(qemu: Qemu, tmp_path: Path) -> None:
+def test_read_backing_chain_stops_at_missing_file(qemu: Qemu, tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
     images = make_chain(qemu, tmp_path, 4)
     images[1].unlink()
-    with capture_logs() as logs:
-        chain = read_backing_chain(images[-1])
+    chain = read_backing_chain(images[-1])
     assert [p.resolve() for p in chain] == [images[3].resolve(), images[2].resolve()]
-    assert any(e["log_level"] == "warning" for e in logs)
+    assert _warnings(caplog) == ["backing_chain_missing"]
     assert not is_backing_dependency(images[0], images[-1])
 
 
-def test_read_backing_chain_stops_at_cycle(qemu: Qemu, tmp_path: Path) -> None:
+def test_read_backing_chain_stops_at_cycle(qemu: Qemu, tmp_path: Path,
+                                           caplog: pytest.LogCaptureFixture) -> None:
     a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
     qemu.img("create", "-q", "-f", "qcow2", a, "1M")
     qemu.img("create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", b)
     qemu.img("rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", a)  # a -> b -> a
-    with capture_logs() as logs:
-        chain = read_backing_chain(b)
+    chain = read_backing_chain(b)
     assert chain == [a]
-    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["backing_chain_cycle"]
+    assert _warnings(caplog) == ["backing_chain_cycle"]
     assert is_backing_dependency(a, b)
     # A self-reference is a cycle of one.
     qemu.img("rebase", "-u", "-b", "a.qcow2", "-F", "qcow2", a)
-    with capture_logs():
-        assert read_backing_chain(a) == []
+    assert read_backing_chain(a) == []
 
 
-def test_read_backing_chain_stops_at_depth_limit(qemu: Qemu, tmp_path: Path) -> None:
+def test_read_backing_chain_stops_at_depth_limit(qemu: Qemu, tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
     images = make_chain(qemu, tmp_path, 6)
-    with capture_logs() as logs:
-        chain = read_backing_chain(images[-1], max_depth=3)
+    chain = read_backing_chain(images[-1], max_depth=3)
     assert len(chain) == 3
-    assert "backing_chain_too_deep" in [e["event"] for e in logs]
+    assert _warnings(caplog) == ["backing_chain_too_deep"]
     assert len(read_backing_chain(images[-1])) == 6
 
 
 def test_read_backing_chain_never_raises(tmp_path: Path) -> None:
     garbage = tmp_path / "g"
     garbage.write_bytes(b"nope")
-    with capture_logs():
-        assert read_backing_chain(garbage) == []
-        assert read_backing_chain(tmp_path / "missing") == []
-        assert read_backing_chain(tmp_path) == []
+    assert read_backing_chain(garbage) == []
+    assert read_backing_chain(tmp_path / "missing") == []
+    assert read_backing_chain(tmp_path) == []
     assert not is_backing_dependency(tmp_path / "missing", garbage)
 
 
-def test_read_backing_chain_stops_under_corrupt_layer(qemu: Qemu, tmp_path: Path) -> None:
+def test_read_backing_chain_stops_under_corrupt_layer(qemu: Qemu, tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
     images = make_chain(qemu, tmp_path, 3)
     with images[1].open("r+b") as f:  # the lowest qcow2 layer gets version 9
         f.seek(4)
         f.write(struct.pack(">I", 9))
-    with capture_logs() as logs:
-        chain = read_backing_chain(images[-1])
+    chain = read_backing_chain(images[-1])
     assert [p.resolve() for p in chain] == [images[2].resolve(), images[1].resolve()]
-    assert "backing_chain_unreadable" in [e["event"] for e in logs]
+    assert _warnings(caplog) == ["backing_chain_unreadable"]
 
 
 def test_is_backing_dependency_of_boxdisk_children(tmp_path: Path) -> None:
