@@ -98,8 +98,8 @@ def _remove(path: str, pin: int | None, *, collected: bool, in_store_ok: bool = 
             log.debug("ephemeral_disk_already_gone", path=path)
             return
         if not same:
-            log.warning("ephemeral_disk_replaced_kept", path=path,
-                        reason="the path holds a different file than the one created")
+            log.info("ephemeral_disk_replaced_kept", path=path,
+                     reason="the path holds a different file than the one created")
             return
         store = None if in_store_ok else _inside_store(p)
         if store is not None:
@@ -107,8 +107,8 @@ def _remove(path: str, pin: int | None, *, collected: bool, in_store_ok: bool = 
                         reason="files inside a store are removed only by the store")
             return
         if collected:
-            log.warning("ephemeral_disk_collected", path=path,
-                        hint="call leak() to keep a disk, or close() to drop it explicitly")
+            log.info("ephemeral_disk_collected", path=path,
+                     hint="call leak() to keep a disk, or close() to drop it explicitly")
         os.unlink(p)
         log.info("ephemeral_disk_removed", path=path)
     finally:

@@ -384,9 +384,49 @@ class BackingChain:
 
     # -- reading -------------------------------------------------------------
 
+    def _short(self, offset: int, length: int) -> tuple[Image | None, int] | None:
+        """``(image, host offset)`` when one DATA stretch of one image holds the whole
+        request, ``(None, 0)`` when it all reads as zeros, None otherwise.
+
+        Each image answers from one cached L2 entry (:meth:`Image.locate`),
+        descending while the request is unallocated, as :meth:`_resolve` would;
+        a backing file that ends inside the request, a compressed cluster or a
+        request crossing a stretch boundary is left to the general path.
+        """
+        if self._closed or offset < 0 or length <= 0 or offset + length > self._images[0].size:
+            return None
+        images = self._images
+        depth, last = 0, len(images) - 1
+        while True:
+            img = images[depth]
+            where = img.locate(offset)
+            if where is None or where[2] < length:
+                return None
+            kind = where[0]
+            if kind is RunKind.DATA:
+                return img, where[1]
+            if kind is RunKind.ZERO or depth == last:
+                return None, 0
+            depth += 1
+            below = images[depth].size
+            if offset + length > below:
+                return (None, 0) if offset >= below else None
+
     def read_into(self, offset: int, buf: memoryview | bytearray) -> None:
         """Fill ``buf`` with the guest bytes at ``offset`` (every byte of it is written)."""
-        self._read_into(offset, memoryview(buf), zeroed=False)
+        view = memoryview(buf)
+        hit = self._short(offset, len(view))
+        if hit is not None:
+            img, host = hit
+            if img is None:
+                _fill_zeros(view, 0, len(view))
+                return
+            try:
+                if os.preadv(img.fd, [view], host) == len(view):
+                    return
+            except OSError:
+                pass  # the general path raises the typed error (or succeeds on retry)
+        self._read_into(offset, view, zeroed=False)
 
     def _read_into(self, offset: int, buf: memoryview, *, zeroed: bool) -> None:
         length = self._check_range(offset, len(buf))
@@ -400,7 +440,23 @@ class BackingChain:
                 _fill_zeros(buf, pos, pos + run.length)
 
     def read(self, offset: int, length: int) -> bytes:
-        """The guest bytes ``[offset, offset + length)``, exactly as QEMU's guest reads them."""
+        """The guest bytes ``[offset, offset + length)``, exactly as QEMU's guest reads them.
+
+        A request inside one stretch (typically one cluster) of one image is a
+        single ``pread`` straight into the returned bytes; others fill one
+        buffer, run by run, and copy it once into the result.
+        """
+        hit = self._short(offset, length)
+        if hit is not None:
+            img, host = hit
+            if img is None:
+                return bytes(length)
+            try:
+                data = os.pread(img.fd, length, host)
+            except OSError:
+                data = b""  # the general path raises the typed error
+            if len(data) == length:
+                return data
         buf = bytearray(length)
         self._read_into(offset, memoryview(buf), zeroed=True)
         return bytes(buf)

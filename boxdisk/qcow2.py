@@ -358,7 +358,9 @@ def set_backing_file_path(
     No data is copied: use it when the new backing file holds the same bytes
     as the old one (a moved base). ``backing_format`` rewrites the
     backing-format extension; without it the old one is kept. Bytes of a
-    longer old name are zeroed. The header is rewritten in place and fsynced.
+    longer old name are zeroed; unknown autoclear feature bits are cleared (as
+    ``qemu-img rebase -u`` clears them). The header is rewritten in place and
+    fsynced.
     """
     path = Path(qcow2_path)
     header = read_header(path)
@@ -387,12 +389,15 @@ def rewrite_backing_reference(
     """Rewrite the header's backing name and backing-format extension in place, then fsync.
 
     ``name=None`` makes the image standalone (the extension goes too). Other
-    extensions are kept verbatim; bytes of a longer old name are zeroed. The
-    header stays inside the first cluster, written with one ``pwrite``.
+    extensions are kept verbatim; bytes of a longer old name are zeroed;
+    unknown autoclear feature bits are cleared, as the spec asks of a writer
+    that does not know them (:meth:`Qcow2Header.without_unknown_autoclear`).
+    The header stays inside the first cluster, written with one ``pwrite``.
     """
     if header is None:
         header = read_header(path)
-    new_header = header.with_backing(name, backing_format if name is not None else None)
+    new_header = header.with_backing(
+        name, backing_format if name is not None else None).without_unknown_autoclear()
     try:
         data = new_header.pack()
     except CorruptImageError as exc:

@@ -29,6 +29,7 @@ from ._constants import (
     HEADER_V3_LENGTH_WITH_COMPRESSION,
     INCOMPAT_COMPRESSION,
     INCOMPAT_EXTL2,
+    KNOWN_AUTOCLEAR,
     KNOWN_INCOMPATIBLE,
     MAX_BACKING_FILE_NAME,
     MAX_CLUSTER_BITS,
@@ -241,6 +242,18 @@ class Qcow2Header:
             fmt = HeaderExtension(EXT_BACKING_FORMAT, backing_format.encode("ascii"))
             exts.insert(0, fmt)
         return attrs.evolve(self, backing_file=name, extensions=tuple(exts))
+
+    def without_unknown_autoclear(self) -> Qcow2Header:
+        """This header with the autoclear bits boxdisk does not know cleared.
+
+        For a rewrite that leaves the image's data and metadata alone (a new
+        backing name): docs/interop/qcow2.txt, "autoclear_features", asks a
+        writer to clear the bits it does not know, as ``qemu-img rebase -u``
+        does. The known ones describe what such a rewrite keeps true, and stay:
+        bit 0 (the bitmaps extension matches the data, which is not touched) and
+        bit 1 (the external data file is raw, which does not change).
+        """
+        return attrs.evolve(self, autoclear_features=self.autoclear_features & KNOWN_AUTOCLEAR)
 
     # -- bytes --------------------------------------------------------------
 

@@ -220,13 +220,35 @@ class Image:
                 return
             done += n
 
+    def locate(self, offset: int) -> tuple[RunKind, int, int] | None:
+        """``(kind, host offset, bytes)``: the short-path answer for the byte at ``offset``.
+
+        ``bytes`` counts the bytes from ``offset`` on (at least 1, often to the
+        end of the cluster) that share ``kind`` and, for DATA, contiguous host
+        bytes from ``host offset``. Only DATA, ZERO and UNALLOCATED are
+        answered; None (compressed clusters, an image type without a short
+        path) sends the caller to :meth:`runs`, which is always exact.
+        """
+        return None
+
     def read(self, offset: int, length: int) -> bytes:
         """The guest bytes ``[offset, offset + length)`` of this file alone.
 
         Stretches this file does not allocate read as zeros; reading through
-        backing files is :class:`boxdisk.chain.BackingChain`'s job.
+        backing files is :class:`boxdisk.chain.BackingChain`'s job. A read that
+        :meth:`locate` places in one stretch is one ``pread`` (or zeros).
         """
         length = self._check_range(offset, length)
+        where = self.locate(offset) if length else None
+        if where is not None and where[2] >= length:
+            if where[0] is not RunKind.DATA:
+                return bytes(length)
+            try:
+                data = os.pread(self._fd, length, where[1])
+            except OSError:
+                data = b""  # the general path below raises the typed error
+            if len(data) == length:
+                return data
         buf = bytearray(length)
         view = memoryview(buf)
         for run in self.runs(offset, length, precise=False):

@@ -70,7 +70,11 @@ class Qcow2Image(Image):
     ``runs()`` is the allocation map of the file's own clusters; ``read()``
     reads them (unallocated stretches as zeros). ``l2_table(l1_index)`` and
     ``refcount(cluster_index)`` are the lookups a writer builds on. L2 tables
-    are read whole, once, into an LRU cache bounded by ``l2_cache_bytes``.
+    are read whole, once, into an LRU cache bounded by ``l2_cache_bytes``:
+    at most ``max(2, l2_cache_bytes // cluster_size)`` tables, each with a
+    one-byte-per-entry "validated" map, plus the one table the short path
+    (:meth:`locate`) holds on to, so ``(tables + 1) * cluster_size * 9 / 8``
+    bytes at worst.
     """
 
     format = "qcow2"
@@ -148,6 +152,14 @@ class Qcow2Image(Image):
         self._l2_entries = cs >> entry_bits
         self._l2_span = self._l2_entries << h.cluster_bits  # guest bytes per L2 table
         self._l2_cache: OrderedDict[int, array[int]] = OrderedDict()
+        # Per cached table: which entries the general path has validated, so the
+        # short path trusts them without checking again (dropped with the table).
+        self._l2_checked: dict[int, bytearray] = {}
+        self._l2_bits = self._l2_span.bit_length() - 1
+        self._l2_index_mask = self._l2_entries - 1
+        self._memo_l1 = -1  # the L1 index whose table the short path used last
+        self._memo_table: array[int] | None = None
+        self._memo_checked = bytearray()
         self._l2_cache_max = 4
         self.set_l2_cache_bytes(l2_cache_bytes)
         self._reftable: array[int] | None = None
@@ -234,8 +246,9 @@ class Qcow2Image(Image):
             self._pread_exact(offset, self.cluster_size, f"L2 table of L1 entry {l1_index}")
         )
         cache[offset] = table
+        self._l2_checked[offset] = bytearray(self._l2_entries)
         if len(cache) > self._l2_cache_max:
-            cache.popitem(last=False)
+            self._l2_checked.pop(cache.popitem(last=False)[0], None)
         return table
 
     def set_l2_cache_bytes(self, nbytes: int) -> None:
@@ -246,7 +259,7 @@ class Qcow2Image(Image):
         """
         self._l2_cache_max = max(2, nbytes // self.cluster_size)
         while len(self._l2_cache) > self._l2_cache_max:
-            self._l2_cache.popitem(last=False)
+            self._l2_checked.pop(self._l2_cache.popitem(last=False)[0], None)
 
     # -- refcounts -----------------------------------------------------------
 
@@ -513,6 +526,81 @@ class Qcow2Image(Image):
                         host = off + (s2 - cstart)
                 yield (kind, s2, n, host, 0)
             i += 1
+
+    # -- the short path ------------------------------------------------------
+
+    def locate(self, offset: int) -> tuple[RunKind, int, int] | None:
+        """Where the guest byte at ``offset`` lives, from one cached L2 entry.
+
+        The answer covers the rest of the cluster (standard L2), the following
+        subclusters of the same kind (extended L2), or the rest of an L1
+        entry's span when it has no L2 table. An entry is validated by the
+        general path (:meth:`runs`, same checks, same errors) the first time it
+        is used, then trusted while its table stays cached. Compressed
+        clusters answer None (the caller takes :meth:`runs`).
+        """
+        l1_index = offset >> self._l2_bits
+        if l1_index == self._memo_l1:
+            table, checked = self._memo_table, self._memo_checked
+        else:
+            l2_off = self.l2_offset(l1_index)
+            table = None if l2_off == 0 else self.l2_table(l1_index)
+            checked = self._l2_checked[l2_off] if table is not None else bytearray()
+            self._memo_l1, self._memo_table, self._memo_checked = l1_index, table, checked
+        if table is None:
+            return (_UNALLOC, 0, ((l1_index + 1) << self._l2_bits) - offset)
+        cs = self.cluster_size
+        i = (offset >> self.cluster_bits) & self._l2_index_mask
+        intra = offset & (cs - 1)
+        if self.extended_l2:
+            return self._locate_ext(l1_index, table, checked, i, offset, intra)
+        e = table[i]
+        if e == 0:
+            return (_UNALLOC, 0, cs - intra)
+        if not checked[i]:
+            self._validate(l1_index, table, i, offset - intra)
+            checked[i] = 1
+        if e & QCOW_OFLAG_COMPRESSED:
+            return None
+        if e & QCOW_OFLAG_ZERO:
+            return (_ZERO, 0, cs - intra)
+        off = e & L2E_OFFSET_MASK
+        if off == 0:
+            return (_UNALLOC, 0, cs - intra)
+        return (_DATA, off + intra, cs - intra)
+
+    def _locate_ext(self, l1_index: int, table: array[int], checked: bytearray, i: int,
+                    offset: int, intra: int) -> tuple[RunKind, int, int] | None:
+        e, bm = table[2 * i], table[2 * i + 1]
+        cs = self.cluster_size
+        if e == 0 and bm == 0:
+            return (_UNALLOC, 0, cs - intra)
+        if not checked[i]:
+            self._validate(l1_index, table, i, offset - intra)
+            checked[i] = 1
+        if e & QCOW_OFLAG_COMPRESSED:
+            return None
+        sc = cs // _SUBCLUSTERS
+        k = intra // sc
+        zero, alloc = bm >> 32, bm & _ALL_ALLOC
+        # As _ext_l2_runs: the zero bit wins, then the allocation bit.
+        if zero >> k & 1:
+            kind, mask = _ZERO, zero
+        elif alloc >> k & 1:
+            kind, mask = _DATA, alloc & ~zero
+        else:
+            kind, mask = _UNALLOC, ~(alloc | zero) & _ALL_ALLOC
+        x = mask >> k
+        same = ((x ^ (x + 1)).bit_length() - 1) * sc - (intra - k * sc)  # trailing ones
+        host = (e & L2E_OFFSET_MASK) + intra if kind is _DATA else 0
+        return (kind, host, same)
+
+    def _validate(self, l1_index: int, table: array[int], i: int, cluster_start: int) -> None:
+        """Run the general path's checks over one cluster (raising its typed errors)."""
+        end = cluster_start + self.cluster_size
+        walk = self._ext_l2_runs if self.extended_l2 else self._std_l2_runs
+        for _ in walk(l1_index, table, cluster_start, end):
+            pass
 
     # -- reading -------------------------------------------------------------
 

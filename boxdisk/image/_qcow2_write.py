@@ -153,7 +153,12 @@ class Qcow2Writer(WritableImage):
     copying up the rest of a partially written cluster; None means zeros.
     ``below_size`` is how far those layers reach (past it they read as zeros);
     None leaves that to ``read_below``, which must then pad with zeros itself.
-    :meth:`attach_below` sets both later.
+    :meth:`attach_below` sets both later. Both must describe the backing the
+    image will be read over, which is not the one its header names while a
+    rebase is under way: "nothing below" lets zeroing skip or deallocate a
+    cluster. An image whose header names a backing file, opened with neither,
+    is taken to have something everywhere below it (zeroing never skips),
+    though partial clusters still copy up zeros.
     """
 
     format = "qcow2"
@@ -177,7 +182,10 @@ class Qcow2Writer(WritableImage):
             self._fd = -1
             os.close(fd)
             raise
-        self.attach_below(read_below, below_size)
+        if read_below is None and below_size is None and self.backing_file is not None:
+            self._read_below, self._below_size = None, 1 << 63  # unknown: may hold data
+        else:
+            self.attach_below(read_below, below_size)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, lock: bool = True) -> Self:
@@ -185,7 +193,11 @@ class Qcow2Writer(WritableImage):
         return cls(path, lock=lock)
 
     def attach_below(self, read_below: ReadBelow | None, below_size: int | None = None) -> None:
-        """Say what the layers under this image read (None: nothing, zeros)."""
+        """Say what the layers under this image read (None: nothing, zeros).
+
+        They are the layers the image's writes will be read over: for a
+        rebase, the new backing (see the class docstring).
+        """
         self._read_below = read_below
         if read_below is None:
             self._below_size = 0
@@ -273,7 +285,13 @@ class Qcow2Writer(WritableImage):
         stray = h.autoclear_features
         if stray and self._v3:
             # Spec, "autoclear_features": a writer that does not maintain a feature must
-            # clear its bit before writing. boxdisk maintains none of them.
+            # clear its bit before writing, and every header this writer rewrites later
+            # (size, L1 and refcount table pointers, backing name) starts from this one.
+            # boxdisk maintains none of them: bit 0 (bitmaps extension) would say the
+            # persistent bitmaps still match the data, which no write here keeps true
+            # (images with the bitmaps extension are refused anyway, so the bit alone is
+            # stale); bit 1 (raw external data file) belongs to data-file images, which
+            # are refused; unknown bits must go whatever they mean.
             self._pwrite(bytes(8), 88)
             self._fsync()
             self.header = attrs.evolve(h, autoclear_features=0)

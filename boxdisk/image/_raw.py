@@ -55,6 +55,14 @@ class RawImage(Image):
                 for is_data, start, stop in data_extents(self.fd, self.path, offset,
                                                          offset + length, self.file_size))
 
+    def locate(self, offset: int) -> tuple[RunKind, int, int] | None:
+        """DATA from ``offset`` to the end of the disk.
+
+        Holes read as zeros through ``pread``; a read that comes back short (the
+        sector tail past the file's end) is left to the general path.
+        """
+        return (RunKind.DATA, offset, self.size - offset)
+
     def read_compressed(self, run: Run) -> bytes:  # pragma: no cover - raw has none
         """Raw files hold no compressed clusters."""
         raise NotImplementedError

@@ -304,12 +304,21 @@ def rebase(
             new = None if new_backing is None else open_chain(
                 new_backing, format=backing_format, allowed_roots=allowed_roots)
             try:
+                # Every cluster written must read right over the *new* backing, which the
+                # header names once the copy is done: a cluster zeroed past the end of a
+                # shorter old backing is not zero over a longer new one (v3 needs the zero
+                # flag, v2 explicit zero data). Over the old backing the written clusters
+                # read the same, as each holds the old view explicitly, so a crash before
+                # the header changes still shows the old view.
+                top.attach_below(None if new is None else new.read,
+                                 0 if new is None else new.size)
                 written = _copy_differences(top, old, new, progress)
+                top.flush()
+                top.set_backing(name, backing_format)
             finally:
+                top.attach_below(None, 0)  # ``new`` closes here; nothing reads below now
                 if new is not None:
                     new.close()
-            top.flush()
-            top.set_backing(name, backing_format)
     log.info("rebased", path=path, backing=name, backing_format=backing_format, safe=safe,
              bytes=written, ms=_ms(start_t))
 

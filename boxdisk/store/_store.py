@@ -412,7 +412,7 @@ class BoxStore:
         with self._locks.structural(f"recover {record.op} {record.opid}"):
             fn(record)
         self._journal.finish(record)
-        log.warning("operation_recovered", op=record.op, opid=record.opid)
+        log.info("operation_recovered", op=record.op, opid=record.opid)
 
     def _recover_dead(self, *, dry_run: bool = False) -> tuple[list[str], list[Record]]:
         """Recover every record whose owner is gone; return (recovered, live records)."""
