@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 #: Public name -> the module (relative to this package) that defines it.
 _EXPORTS: dict[str, str] = {
     "Disk": "._disk",
-    "DiskFormat": "._disk",
+    "DiskFormat": "._formats",
     "AlreadyExistsError": "._errors",
     "BackingChainError": "._errors",
     "BoxdiskError": "._errors",
@@ -54,7 +54,7 @@ _EXPORTS: dict[str, str] = {
     "flatten": ".ops",
     "rebase": ".ops",
     "resize": ".ops",
-    "BackingFormat": ".qcow2",
+    "BackingFormat": "._formats",
     "DEFAULT_CLUSTER_SIZE": ".qcow2",
     "DEFAULT_DISK_SIZE": ".qcow2",
     "GUEST_ROOTFS_DISK": ".qcow2",
@@ -138,14 +138,18 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        msg = f"module 'boxdisk' has no attribute {name!r}"
-        raise AttributeError(msg)
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
+if not TYPE_CHECKING:
+    # Hidden from type checkers, so ``boxdisk.BoxStor`` is a mypy error: they see
+    # the eager imports below instead.
+
+    def __getattr__(name: str) -> Any:
+        module = _EXPORTS.get(name)
+        if module is None:
+            msg = f"module 'boxdisk' has no attribute {name!r}"
+            raise AttributeError(msg)
+        value = getattr(importlib.import_module(module, __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
 
 
 def __dir__() -> list[str]:
@@ -155,7 +159,6 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, eagerly
     from ._disk import (
         Disk,
-        DiskFormat,
     )
     from ._errors import (
         AlreadyExistsError,
@@ -176,6 +179,10 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, eagerly
         StoreError,
         StoreFormatError,
         UnsupportedFeatureError,
+    )
+    from ._formats import (
+        BackingFormat,
+        DiskFormat,
     )
     from ._locks import (
         image_in_use,
@@ -210,7 +217,6 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, eagerly
         DEFAULT_CLUSTER_SIZE,
         DEFAULT_DISK_SIZE,
         GUEST_ROOTFS_DISK,
-        BackingFormat,
         clone_disk_pair,
         create_cow_child_disk,
         create_disk,

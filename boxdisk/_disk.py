@@ -12,40 +12,36 @@ Ownership rules, in the order they are checked before a file is deleted:
    is never deleted by a handle: the store owns it and removes it itself.
 
 Leaving a ``with`` block, calling :meth:`Disk.close`, or the handle being
-garbage-collected (``weakref.finalize``) runs the clean-up once.
+garbage-collected (``weakref.finalize``) runs the clean-up once. A handle
+collected while still armed also warns (``ResourceWarning``), as Python's own
+unclosed file objects do: an ephemeral disk should be closed on purpose.
+
+One file has at most one armed (ephemeral) handle in a process:
+:func:`ephemeral_owner` finds it, so the creating functions can refuse to hand
+out a second handle for a file that the first will delete.
 """
 
 from __future__ import annotations
 
-import enum
 import os
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from ._errors import ImageIOError
+from ._args import as_path
+from ._errors import ImageIOError, InvalidArgumentError
+from ._formats import DiskFormat
 from ._log import get_logger
 
-__all__ = ["STORE_MARKER", "Disk", "DiskFormat"]
+__all__ = ["STORE_MARKER", "Disk", "DiskFormat", "ephemeral_owner"]
 
 log = get_logger(__name__)
 
 #: The directory that marks the root of a boxdisk store.
 STORE_MARKER = ".boxdisk"
-
-
-class DiskFormat(enum.Enum):
-    """What kind of file a ``Disk`` handle points at."""
-
-    QCOW2 = "qcow2"
-    RAW = "raw"
-    EXT4 = "ext4"
-
-    def as_str(self) -> str:
-        """The format's name as QEMU spells it (``ext4`` disks are raw to QEMU)."""
-        return self.value
 
 
 _O_PATH = getattr(os, "O_PATH", os.O_RDONLY)
@@ -121,6 +117,45 @@ def _remove_from_finalizer(path: str, pin: int | None) -> None:
         _remove(path, pin, collected=True)
     except OSError as exc:
         log.warning("ephemeral_disk_remove_failed", path=path, error=str(exc))
+    # After the clean-up, so a warning turned into an error cannot keep the file.
+    warnings.warn(f"ephemeral disk {path!r} was garbage-collected without close(): its file "
+                  f"was cleaned up then (use `with`, close(), or leak() to keep it)",
+                  ResourceWarning, stacklevel=2)
+
+
+#: (st_dev, st_ino) of each file an armed ephemeral handle of this process owns.
+_armed: weakref.WeakValueDictionary[tuple[int, int], Disk] = weakref.WeakValueDictionary()
+
+
+def _key(fd: int | None) -> tuple[int, int] | None:
+    if fd is None:
+        return None
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def ephemeral_owner(path: str | os.PathLike[str]) -> Disk | None:
+    """The armed ephemeral handle of this process that will delete the file at ``path``."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return None
+    owner = _armed.get((st.st_dev, st.st_ino))
+    return None if owner is None or owner.closed else owner
+
+
+def _to_path(value: Any) -> Path:
+    return Path(as_path(value, "path"))
+
+
+def _to_format(value: Any) -> DiskFormat:
+    return DiskFormat.parse(value)
+
+
+def _bool(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, bool):
+        msg = f"{attribute.name} must be True or False, not {value!r}"
+        raise InvalidArgumentError(msg, field=attribute.name, value=repr(value)[:200])
 
 
 @attrs.define(eq=False)
@@ -131,17 +166,29 @@ class Disk:
     ``leak()`` makes an ephemeral disk persistent and returns its path.
     """
 
-    path: Path = attrs.field(converter=Path)
-    format: DiskFormat = DiskFormat.QCOW2
-    persistent: bool = False
+    path: Path = attrs.field(converter=_to_path)
+    format: DiskFormat = attrs.field(default=DiskFormat.QCOW2, converter=_to_format)
+    persistent: bool = attrs.field(default=False, validator=_bool)
     _finalizer: weakref.finalize[Any, Any] | None = attrs.field(init=False, default=None,
                                                                 repr=False)
+    _key: tuple[int, int] | None = attrs.field(init=False, default=None, repr=False)
 
     def __attrs_post_init__(self) -> None:
         if not self.persistent:
+            pin = _pin(self.path)
+            self._key = key = _key(pin)
+            if key is not None:
+                _armed[key] = self
             self._finalizer = weakref.finalize(
-                self, _remove_from_finalizer, str(self.path), _pin(self.path)
+                self, _remove_from_finalizer, str(self.path), pin
             )
+
+    def _disarm(self) -> Any:
+        """Detach the finalizer; returns its arguments (None if it had run or was detached)."""
+        fin, self._finalizer = self._finalizer, None
+        if self._key is not None and _armed.get(self._key) is self:
+            del _armed[self._key]
+        return fin.detach() if fin is not None else None
 
     @property
     def closed(self) -> bool:
@@ -150,8 +197,7 @@ class Disk:
 
     def leak(self) -> Path:
         """Disarm the clean-up: the file outlives this handle. Returns the path."""
-        fin, self._finalizer = self._finalizer, None
-        args = fin.detach() if fin is not None else None
+        args = self._disarm()
         if args is not None and args[2][1] is not None:
             os.close(args[2][1])
         self.persistent = True
@@ -174,8 +220,7 @@ class Disk:
         self._release(in_store_ok=True)
 
     def _release(self, *, in_store_ok: bool) -> None:
-        fin, self._finalizer = self._finalizer, None
-        args = fin.detach() if fin is not None else None
+        args = self._disarm()
         if args is None:
             return
         try:

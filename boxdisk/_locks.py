@@ -33,6 +33,7 @@ import stat
 import struct
 from collections.abc import Iterable
 
+from ._args import as_path
 from ._errors import DiskInUseError, ImageIOError
 
 __all__ = [
@@ -157,7 +158,7 @@ def image_in_use(path: str | os.PathLike[str]) -> bool:
     read-only holds 100 and 201, and that base must not be rewritten either.
     A missing file is not in use.
     """
-    return _probe(path, (base + perm for base in (_PERM_BASE, _SHARED_BASE)
+    return _probe(as_path(path, "path"), (base + perm for base in (_PERM_BASE, _SHARED_BASE)
                          for perm in _ALL_PERMS))
 
 

@@ -17,12 +17,14 @@ from typing import Any, Self
 
 import attrs
 
+from boxdisk._args import as_optional_format, as_path, as_paths
 from boxdisk._errors import (
     BackingChainError,
     ImageIOError,
     InvalidArgumentError,
     UnsupportedFeatureError,
 )
+from boxdisk._formats import FormatArg
 from boxdisk._log import get_logger
 from boxdisk.image import Image, Qcow2Image, RawImage, Run, RunKind
 from boxdisk.image._qcow2_write import open_writable
@@ -207,8 +209,8 @@ class BackingChain:
         cls,
         top: str | os.PathLike[str],
         *,
-        format: str | None = None,
-        backing_format: str | None = None,
+        format: FormatArg | None = None,
+        backing_format: FormatArg | None = None,
         max_depth: int = DEFAULT_MAX_DEPTH,
         allowed_roots: Iterable[str | os.PathLike[str]] | None = None,
         writable: bool = False,
@@ -224,19 +226,21 @@ class BackingChain:
         ``writable=True`` opens the top read-write, taking QEMU's write locks
         (:meth:`write`, :meth:`write_zeroes`, :meth:`discard`, :meth:`flush`).
         """
-        if max_depth < 1:
-            msg = f"max_depth must be at least 1, not {max_depth}"
-            raise InvalidArgumentError(msg, field="max_depth", value=max_depth)
-        roots = (None if allowed_roots is None
-                 else [os.path.realpath(os.fspath(r)) for r in allowed_roots])
-        path = os.fspath(top)
+        path = as_path(top, "top")
+        top_format = as_optional_format(format, "format", path=path) or "qcow2"
+        backing_format = as_optional_format(backing_format, "backing_format", path=path)
+        if isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < 1:
+            msg = f"max_depth must be an int of at least 1, not {max_depth!r}"
+            raise InvalidArgumentError(msg, field="max_depth", value=repr(max_depth))
+        listed = as_paths(allowed_roots, "allowed_roots")
+        roots = None if listed is None else [os.path.realpath(r) for r in listed]
         images: list[Image] = []
         names: list[str] = []
         seen: set[tuple[int, int]] = set()
         l1_entries = 0
         try:
-            img = (open_writable(path, format or "qcow2") if writable
-                   else _open_image(path, format or "qcow2"))
+            img = (open_writable(path, top_format) if writable
+                   else _open_image(path, top_format))
             while True:
                 _check_new(img, path, seen, names)
                 images.append(img)
@@ -517,8 +521,8 @@ def _fill_zeros(buf: memoryview, start: int, end: int) -> None:
 def open_chain(
     top: str | os.PathLike[str],
     *,
-    format: str | None = None,
-    backing_format: str | None = None,
+    format: FormatArg | None = None,
+    backing_format: FormatArg | None = None,
     max_depth: int = DEFAULT_MAX_DEPTH,
     allowed_roots: Iterable[str | os.PathLike[str]] | None = None,
     writable: bool = False,

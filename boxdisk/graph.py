@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 
 import attrs
 
+from ._args import as_path, as_paths
 from ._errors import BoxdiskError
 from ._log import get_logger
 from .qcow2 import read_header
@@ -120,10 +121,10 @@ class DependencyGraph:
         graph = cls()
         resolver = _Resolver()
         if isinstance(paths_or_root, (str, os.PathLike)):
-            root = os.fspath(paths_or_root)
+            root = as_path(paths_or_root, "paths_or_root")
             starts: list[str] = list(_walk(root, suffixes)) if os.path.isdir(root) else [root]
         else:
-            starts = [os.fspath(p) for p in paths_or_root]
+            starts = as_paths(paths_or_root, "paths_or_root") or []
         for path in starts:
             graph._add(resolver, path, "qcow2")
         log.debug("graph_scanned", images=len(graph._nodes), starts=len(starts))
@@ -181,11 +182,11 @@ class DependencyGraph:
 
     def node(self, path: str | os.PathLike[str]) -> GraphNode:
         """The node of an image (KeyError when the graph does not hold it)."""
-        return self._nodes[os.path.realpath(path)]
+        return self._nodes[_real(path)]
 
     def dependents(self, path: str | os.PathLike[str]) -> set[str]:
         """Every image that backs onto ``path``, directly or through others (real paths)."""
-        start = os.path.realpath(path)
+        start = _real(path)
         seen: set[str] = set()
         todo = deque(self._dependents.get(start, ()))
         while todo:
@@ -198,17 +199,17 @@ class DependencyGraph:
 
     def direct_dependents(self, path: str | os.PathLike[str]) -> set[str]:
         """Images whose header names ``path`` as their backing file."""
-        return set(self._dependents.get(os.path.realpath(path), ()))
+        return set(self._dependents.get(_real(path), ()))
 
     def can_remove(self, path: str | os.PathLike[str]) -> bool:
         """Whether no image in the graph backs onto ``path``."""
-        return not self._dependents.get(os.path.realpath(path))
+        return not self._dependents.get(_real(path))
 
     def chain(self, path: str | os.PathLike[str]) -> list[str]:
         """``path`` and every backing file under it, top first (stops at a cycle)."""
         out: list[str] = []
         seen: set[str] = set()
-        current: str | None = os.path.realpath(path)
+        current: str | None = _real(path)
         while current is not None and current not in seen:
             out.append(current)
             seen.add(current)
@@ -245,7 +246,7 @@ class DependencyGraph:
 
     def to_dot(self, *, relative_to: str | os.PathLike[str] | None = None) -> str:
         """The graph in Graphviz's dot language (edges point at backing files)."""
-        base = None if relative_to is None else os.path.realpath(relative_to)
+        base = None if relative_to is None else _real(relative_to, "relative_to")
 
         def label(p: str) -> str:
             shown = os.path.relpath(p, base) if base else p
@@ -274,3 +275,7 @@ def _walk(root: str, suffixes: tuple[str, ...]) -> Iterator[str]:
                 full = os.path.join(dirpath, name)
                 if os.path.isfile(full):
                     yield full
+
+
+def _real(path: str | os.PathLike[str], param: str = "path") -> str:
+    return os.path.realpath(as_path(path, param))

@@ -11,13 +11,14 @@ complete image, whatever instant a crash hits.
 from __future__ import annotations
 
 import contextlib
-import enum
+import errno
 import os
 import stat
 import time
 from pathlib import Path
 
-from ._disk import Disk, DiskFormat
+from ._args import as_path, as_size
+from ._disk import Disk, ephemeral_owner
 from ._errors import (
     BackingChainError,
     BoxdiskError,
@@ -26,6 +27,7 @@ from ._errors import (
     ImageIOError,
     InvalidArgumentError,
 )
+from ._formats import BackingFormat, DiskFormat
 from ._io import pwrite_all
 from ._locks import create_temp
 from ._log import get_logger
@@ -72,31 +74,6 @@ _SECTOR = 512
 _PROBE = 4096
 
 
-class BackingFormat(enum.Enum):
-    """Format of a backing file, as written into the backing-format extension."""
-
-    RAW = "raw"
-    QCOW2 = "qcow2"
-
-    def as_str(self) -> str:
-        """The format's name in the header extension (``raw`` or ``qcow2``)."""
-        return self.value
-
-    @classmethod
-    def parse(cls, value: BackingFormat | DiskFormat | str) -> BackingFormat:
-        """Accept an enum member or its name (``"raw"``, ``"qcow2"``, ``"ext4"`` is raw)."""
-        if isinstance(value, BackingFormat):
-            return value
-        name = value.value if isinstance(value, DiskFormat) else str(value).lower()
-        if name == "ext4":
-            return cls.RAW
-        try:
-            return cls(name)
-        except ValueError:
-            msg = f"unknown backing format {value!r} (expected 'raw' or 'qcow2')"
-            raise InvalidArgumentError(msg, field="backing_format", value=value) from None
-
-
 # -- reading headers ----------------------------------------------------------
 
 
@@ -108,7 +85,7 @@ def _io_error(path: str | os.PathLike[str], what: str, exc: OSError) -> ImageIOE
 
 def read_header(path: str | os.PathLike[str]) -> Qcow2Header:
     """Parse and validate the header (with extensions and backing name) of a qcow2 file."""
-    source = os.fspath(path)
+    source = as_path(path, "path")
     try:
         # O_NONBLOCK: a FIFO named as an image must not hang (its pread fails instead).
         fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
@@ -145,6 +122,7 @@ def read_backing_file_path(path: str | os.PathLike[str]) -> str | None:
 
 
 def _cluster_bits(cluster_size: int) -> int:
+    as_size(cluster_size, "cluster_size")
     bits = cluster_size.bit_length() - 1
     if cluster_size <= 0 or 1 << bits != cluster_size or not (
         MIN_CLUSTER_BITS <= bits <= MAX_CLUSTER_BITS
@@ -154,12 +132,17 @@ def _cluster_bits(cluster_size: int) -> int:
     return bits
 
 
-def _round_size(size: int) -> int:
-    if not isinstance(size, int) or size < 0:
-        msg = f"virtual size {size!r} is not a non-negative number of bytes"
-        raise InvalidArgumentError(msg, field="size", value=size)
+def _round_size(size: int, param: str = "size") -> int:
+    checked = as_size(size, param)
+    assert checked is not None
     # QEMU rounds a qcow2's virtual size up to whole 512-byte sectors.
-    return -(-size // _SECTOR) * _SECTOR
+    return -(-checked // _SECTOR) * _SECTOR
+
+
+def _check_persistent(persistent: object) -> None:
+    if not isinstance(persistent, bool):
+        msg = f"persistent must be True or False, not {persistent!r}"
+        raise InvalidArgumentError(msg, field="persistent", value=repr(persistent)[:200])
 
 
 def _fsync_dir(directory: str) -> None:
@@ -170,6 +153,60 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+#: Whether to try ``O_TMPFILE`` + ``linkat`` for new images; cleared (for the process)
+#: the first time the file system or kernel refuses either, and by tests forcing the
+#: named-temporary fallback.
+use_o_tmpfile = hasattr(os, "O_TMPFILE")
+
+
+def _link_anonymous(directory: str, path: Path, writes: tuple[tuple[int, bytes], ...],
+                    file_size: int) -> bool | None:
+    """Write the image into an unnamed ``O_TMPFILE`` inode, fsync it, then link it in.
+
+    Returns True once linked, False if ``path`` was taken meanwhile, None when
+    the file system or kernel cannot do it (the caller falls back to a named
+    temporary file). A crash before the link leaves no file at all: an unnamed
+    inode is freed by the kernel. ``linkat`` never replaces an existing name.
+    Fewer steps than a named temporary file: no name to create, lock or unlink.
+    """
+    global use_o_tmpfile  # noqa: PLW0603 - a process-wide capability switch
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno in _NO_TMPFILE:
+                use_o_tmpfile = False
+                return None
+            raise
+        try:
+            for offset, data in writes:
+                pwrite_all(fd, data, offset)
+            os.ftruncate(fd, file_size)
+            os.fsync(fd)
+            try:
+                # linkat(AT_FDCWD, "/proc/self/fd/N", dir_fd, name, AT_SYMLINK_FOLLOW)
+                os.link(f"/proc/self/fd/{fd}", path.name, dst_dir_fd=dir_fd,
+                        follow_symlinks=True)
+            except FileExistsError:
+                return False
+            except OSError as exc:
+                if exc.errno in _NO_TMPFILE or exc.errno == errno.ENOENT:
+                    use_o_tmpfile = False  # e.g. no /proc: the named fallback works
+                    return None
+                raise
+        finally:
+            os.close(fd)
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return True
+
+
+_NO_TMPFILE = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.EXDEV,
+                         errno.ENOSYS, errno.EPERM})
+
+
 def _write_new_image(path: Path, writes: tuple[tuple[int, bytes], ...], file_size: int, *,
                      replace: bool = False) -> bool:
     """Write a complete image at ``path`` atomically; False if the path was taken meanwhile.
@@ -177,6 +214,10 @@ def _write_new_image(path: Path, writes: tuple[tuple[int, bytes], ...], file_siz
     With ``replace=True`` an existing file is replaced (rename over it).
     """
     directory = os.path.dirname(path) or "."
+    if use_o_tmpfile and not replace:
+        linked = _link_anonymous(directory, path, writes, file_size)
+        if linked is not None:
+            return linked
     # Locked until it is in place or gone: a stale one (its writer killed) is removable.
     fd, tmp = create_temp(directory, path.name, 0o644)
     try:
@@ -214,7 +255,18 @@ def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
 
 
 def _existing(path: Path, *, size: int, backing: Path | None, backing_format: str | None) -> Disk:
-    """Return an existing image at ``path`` if it is the image asked for, else raise."""
+    """Return an existing image at ``path`` if it is the image asked for, else raise.
+
+    The handle returned never deletes the file (this call did not create it).
+    A file that an armed ephemeral handle of this process will delete is
+    refused: handing it out as a disk to keep would be a promise broken as
+    soon as the other handle closes.
+    """
+    owner = ephemeral_owner(path)
+    if owner is not None:
+        msg = ("path holds an ephemeral disk another handle of this process will delete when "
+               "it closes; leak() that handle to keep the file, or close it first")
+        raise DiskExistsError(msg, path=path)
     try:
         header = read_header(path)
     except BoxdiskError as exc:
@@ -242,19 +294,24 @@ def _existing(path: Path, *, size: int, backing: Path | None, backing_format: st
 
 def create_disk(
     path: str | os.PathLike[str],
-    persistent: bool = False,
+    persistent: bool,
     *,
     size: int = DEFAULT_DISK_SIZE,
     cluster_size: int = DEFAULT_CLUSTER_SIZE,
 ) -> Disk:
     """Create a standalone, sparse qcow2 v3 image of ``size`` virtual bytes.
 
-    Parent directories are created. An existing valid qcow2 of the same size
-    and no backing file is returned as a persistent handle (never deleted by
-    it); anything else at ``path`` raises :class:`DiskExistsError`.
+    ``persistent`` has no default, so every caller says what it wants: True
+    keeps the file; False makes the handle ephemeral (the file is deleted when
+    it closes; garbage collection without ``close()`` deletes it too, with a
+    ``ResourceWarning``). Parent directories are created. An existing valid
+    qcow2 of the same size and no backing file is returned as a persistent
+    handle (never deleted by it); anything else at ``path`` raises
+    :class:`DiskExistsError`.
     """
     start = time.perf_counter()
-    target = Path(path)
+    target = Path(as_path(path, "path"))
+    _check_persistent(persistent)
     size = _round_size(size)
     layout = plan_new_image(size, cluster_bits=_cluster_bits(cluster_size))
     _make_parent(target)
@@ -298,8 +355,8 @@ def create_cow_child_disk(
     child_path: str | os.PathLike[str],
     virtual_size: int | None = None,
     *,
+    persistent: bool,
     relative: bool = False,
-    persistent: bool = False,
     cluster_size: int = DEFAULT_CLUSTER_SIZE,
 ) -> Disk:
     """Create a qcow2 v3 child whose unwritten clusters read from ``base_disk``.
@@ -309,18 +366,22 @@ def create_cow_child_disk(
     backing-format extension; nothing is probed. ``virtual_size=None`` takes
     the base's size. The file and its directory are fsynced before return.
 
-    The handle is ephemeral unless ``persistent=True``: call ``leak()`` to
-    keep a child made with the default. An existing child with the same
-    backing and size is returned as a persistent handle; anything else at
-    ``child_path`` raises :class:`DiskExistsError`.
+    ``persistent`` has no default: True keeps the child; False makes the
+    handle ephemeral (``leak()`` keeps it after all). An existing child with
+    the same backing and size is returned as a persistent handle (it never
+    deletes a file it did not create); anything else at ``child_path`` raises
+    :class:`DiskExistsError`.
     """
     start = time.perf_counter()
     fmt = BackingFormat.parse(backing_format)
-    base = Path(base_disk)
-    child = Path(child_path)
+    base = Path(as_path(base_disk, "base_disk"))
+    child = Path(as_path(child_path, "child_path"))
+    _check_persistent(persistent)
+    if virtual_size is not None:
+        as_size(virtual_size, "virtual_size")
     base_real = os.path.realpath(base)
     base_size = _base_size(base, base_real, fmt)  # for qcow2 this also checks the base is one
-    size = _round_size(base_size if virtual_size is None else virtual_size)
+    size = _round_size(base_size if virtual_size is None else virtual_size, "virtual_size")
     _make_parent(child)
     name = _backing_name(base_real, child, relative)
     layout = plan_new_image(
@@ -362,7 +423,8 @@ def set_backing_file_path(
     ``qemu-img rebase -u`` clears them). The header is rewritten in place and
     fsynced.
     """
-    path = Path(qcow2_path)
+    path = Path(as_path(qcow2_path, "qcow2_path"))
+    new_backing = as_path(new_backing, "new_backing")
     header = read_header(path)
     if header.backing_file is None:
         msg = "cannot rebase: no existing backing file reference"
@@ -436,7 +498,7 @@ def read_backing_chain(
     ``max_depth`` files; what was found so far is returned.
     """
     chain: list[Path] = []
-    current = os.fspath(path)
+    current = path = as_path(path, "path")
     try:
         st = os.stat(current)
     except OSError as exc:
@@ -477,6 +539,7 @@ def is_backing_dependency(
     target: str | os.PathLike[str], chain_root: str | os.PathLike[str]
 ) -> bool:
     """Whether ``target`` is a file in the backing chain under ``chain_root``."""
+    target, chain_root = as_path(target, "target"), as_path(chain_root, "chain_root")
     try:
         st = os.stat(target)
     except OSError:
@@ -508,9 +571,12 @@ def clone_disk_pair(
     All or nothing: if the second child fails, the first is removed. Returns
     the two paths (the second None without a guest disk); both are kept.
     """
+    src_container, dst_container = (as_path(src_container, "src_container"),
+                                    as_path(dst_container, "dst_container"))
+    src_guest, dst_dir = as_path(src_guest, "src_guest"), as_path(dst_dir, "dst_dir")
     container = create_cow_child_disk(
         src_container, BackingFormat.QCOW2, dst_container, qcow2_virtual_size(src_container),
-        relative=relative,
+        relative=relative, persistent=False,
     )
     guest: Disk | None = None
     try:
@@ -520,7 +586,7 @@ def clone_disk_pair(
                 BackingFormat.QCOW2,
                 Path(dst_dir) / GUEST_ROOTFS_DISK,
                 qcow2_virtual_size(src_guest),
-                relative=relative,
+                relative=relative, persistent=False,
             )
     except BaseException:
         # Deletes it only if this call created it (an existing child comes back

@@ -57,7 +57,7 @@ def main(workdir: Path) -> int:
     jobs = workdir / "jobs"
 
     # 1. A standalone scratch disk: sparse, 1 GiB virtual, a few hundred KiB on the host.
-    with boxdisk.create_disk(jobs / "scratch.qcow2", size=1024 * MiB) as scratch:
+    with boxdisk.create_disk(jobs / "scratch.qcow2", size=1024 * MiB, persistent=False) as scratch:
         print(f"scratch: {scratch.path.name}, {boxdisk.qcow2_virtual_size(scratch.path)} bytes "
               f"virtual, {scratch.path.stat().st_blocks * 512} on the host")
     assert not (jobs / "scratch.qcow2").exists(), "closing the handle deletes the file"
@@ -69,6 +69,7 @@ def main(workdir: Path) -> int:
         # Relative backing names keep the tree movable as a whole.
         with boxdisk.create_cow_child_disk(
             base, boxdisk.BackingFormat.RAW, jobs / f"job{n}" / "disk.qcow2", relative=True,
+                    persistent=False
         ) as disk:
             ms = (time.perf_counter() - start) * 1000
             seen = job(disk, n)
@@ -79,7 +80,8 @@ def main(workdir: Path) -> int:
     # 3. A job that fails: its disk is deleted all the same.
     failed = jobs / "job3" / "disk.qcow2"
     try:
-        with boxdisk.create_cow_child_disk(base, boxdisk.BackingFormat.RAW, failed) as disk:
+        with boxdisk.create_cow_child_disk(base, boxdisk.BackingFormat.RAW, failed,
+                persistent=False) as disk:
             crashing_job(disk)
     except RuntimeError as exc:
         print(f"job3: {exc}; its disk exists afterwards: {failed.exists()}")

@@ -58,10 +58,13 @@ setup_venv() {
     local target="."
     [ -n "$extras" ] && target=".[$extras]"
     # Re-install only when pyproject.toml changed since the last install.
-    local stamp="$venv/.boxdisk-installed-$extras"
+    local stamp="$venv/.boxdisk-installed-$extras-compat"
     if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
         say "installing boxdisk ($target) into .venv"
-        "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$target"
+        # editable_mode=compat: a path entry in a .pth file rather than an import
+        # hook, so type checkers (mypy) find the package in the editable install too.
+        "$venv/bin/python" -m pip install -q --disable-pip-version-check \
+            --config-settings editable_mode=compat -e "$target"
         touch "$stamp"
     fi
 

@@ -14,12 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from structlog.testing import capture_logs
 
 from boxdisk import (
     Disk,
+    DiskExistsError,
     DiskFormat,
     ImageIOError,
+    InvalidArgumentError,
     create_cow_child_disk,
     create_disk,
 )
@@ -83,18 +84,20 @@ def test_persistent_disk_is_never_deleted(tmp_path: Path) -> None:
 
 def test_collected_ephemeral_disk_is_deleted(tmp_path: Path) -> None:
     path = tmp_path / "e.qcow2"
-    new_disk(path)  # the handle is dropped at once
-    gc.collect()
+    with pytest.warns(ResourceWarning, match="garbage-collected without close"):
+        new_disk(path)  # the handle is dropped at once
+        gc.collect()
     assert not path.exists()
 
 
-def test_collected_disk_logs_a_hint(tmp_path: Path) -> None:
+def test_collected_disk_warns_as_unclosed_files_do(tmp_path: Path) -> None:
     path = tmp_path / "e.qcow2"
-    with capture_logs() as logs:
+    with pytest.warns(ResourceWarning) as record:
         disk = new_disk(path)
         del disk
         gc.collect()
-    assert "ephemeral_disk_collected" in [e["event"] for e in logs]
+    assert str(path) in str(record[0].message)
+    assert "leak()" in str(record[0].message)
 
 
 def test_leak_disarms_and_returns_path(tmp_path: Path) -> None:
@@ -147,8 +150,9 @@ def test_replaced_file_is_not_deleted_by_finalizer(tmp_path: Path) -> None:
     tmp = tmp_path / "other"
     tmp.write_bytes(b"other")
     os.replace(tmp, path)
-    del disk
-    gc.collect()
+    with pytest.warns(ResourceWarning):
+        del disk
+        gc.collect()
     assert path.read_bytes() == b"other"
 
 
@@ -167,8 +171,9 @@ def test_file_inside_store_is_not_deleted(tmp_path: Path) -> None:
     disk.close()
     assert path.exists()
     other = new_disk(tmp_path / "boxes" / "b2" / "disk.qcow2")
-    del other
-    gc.collect()
+    with pytest.warns(ResourceWarning):
+        del other
+        gc.collect()
     assert (tmp_path / "boxes" / "b2" / "disk.qcow2").exists()
 
 
@@ -181,7 +186,8 @@ def test_store_marker_must_be_a_directory(tmp_path: Path) -> None:
 
 def test_ephemeral_child_is_deleted_base_is_not(tmp_path: Path) -> None:
     base = new_disk(tmp_path / "base.qcow2", persistent=True)
-    with create_cow_child_disk(base.path, "qcow2", tmp_path / "child.qcow2") as child:
+    with create_cow_child_disk(base.path, "qcow2", tmp_path / "child.qcow2",
+            persistent=False) as child:
         assert child.format is DiskFormat.QCOW2
     assert not (tmp_path / "child.qcow2").exists()
     assert base.path.exists()
@@ -227,7 +233,7 @@ def test_ephemeral_disk_is_deleted_at_interpreter_exit(tmp_path: Path) -> None:
     path = tmp_path / "exit.qcow2"
     code = (
         "import boxdisk, sys\n"
-        f"d = boxdisk.create_disk({str(path)!r}, size=1 << 20)\n"
+        f"d = boxdisk.create_disk({str(path)!r}, False, size=1 << 20)\n"
         "print(d.path.exists())\n"
         "sys.modules['__main__'].keep = d\n"
     )
@@ -235,3 +241,69 @@ def test_ephemeral_disk_is_deleted_at_interpreter_exit(tmp_path: Path) -> None:
                          check=True)
     assert "True" in out.stdout.split()  # boxdisk's log lines may share stdout
     assert not path.exists()
+
+
+# -- ownership without traps (issue 12) -----------------------------------------
+
+
+def test_persistent_has_no_default(tmp_path: Path) -> None:
+    with pytest.raises(TypeError):
+        create_disk(tmp_path / "x.qcow2", size=MiB)  # type: ignore[call-arg]
+    assert not (tmp_path / "x.qcow2").exists()
+
+
+def test_a_second_create_of_an_armed_ephemeral_file_is_refused(tmp_path: Path) -> None:
+    """The first handle will delete the file: a second handle must not promise to keep it."""
+    path = tmp_path / "e.qcow2"
+    first = new_disk(path)
+    with pytest.raises(DiskExistsError, match="leak"):
+        create_disk(path, True, size=MiB)
+    with pytest.raises(DiskExistsError):
+        create_disk(path, False, size=MiB)
+    first.leak()
+    again = create_disk(path, True, size=MiB)
+    assert again.persistent
+    first.close()
+    again.close()
+    assert path.exists()
+
+
+def test_handle_for_an_existing_file_never_deletes_it(tmp_path: Path) -> None:
+    path = tmp_path / "kept.qcow2"
+    create_disk(path, True, size=MiB).close()
+    reused = create_disk(path, False, size=MiB)  # asked ephemeral, but did not create it
+    assert reused.persistent
+    reused.close()
+    del reused
+    gc.collect()
+    assert path.exists()
+
+
+def test_collected_handle_deletes_only_the_file_it_created(tmp_path: Path) -> None:
+    path = tmp_path / "e.qcow2"
+    disk = new_disk(path)
+    path.unlink()
+    path.write_bytes(b"someone else's")
+    with pytest.warns(ResourceWarning):
+        del disk
+        gc.collect()
+    assert path.read_bytes() == b"someone else's"
+
+
+@pytest.mark.parametrize("fmt", ["QCOW2", "qcow2", "Raw", DiskFormat.EXT4])
+def test_disk_format_accepts_names_in_any_case(tmp_path: Path, fmt: object) -> None:
+    disk = Disk(tmp_path / "d", fmt, persistent=True)  # type: ignore[arg-type]
+    assert isinstance(disk.format, DiskFormat)
+
+
+@pytest.mark.parametrize("fmt", ["QCOW3", 7, None])
+def test_disk_format_is_validated(tmp_path: Path, fmt: object) -> None:
+    with pytest.raises(InvalidArgumentError) as info:
+        Disk(tmp_path / "d", fmt, persistent=True)  # type: ignore[arg-type]
+    assert info.value.field == "format"
+    assert "DiskFormat." not in str(info.value) or "<" not in str(info.value)
+
+
+def test_disk_persistent_must_be_a_bool(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgumentError, match="persistent"):
+        Disk(tmp_path / "d", DiskFormat.QCOW2, "yes")  # type: ignore[arg-type]

@@ -130,7 +130,7 @@ def test_bad_qcow2_base_is_refused_for_a_child(tmp_path: Path) -> None:
         base = tmp_path / f"{case.id}.qcow2"
         base.write_bytes(case.build())
         with pytest.raises(BoxdiskError):
-            create_cow_child_disk(base, "qcow2", tmp_path / "child.qcow2")
+            create_cow_child_disk(base, "qcow2", tmp_path / "child.qcow2", persistent=False)
         assert not (tmp_path / "child.qcow2").exists()
 
 

@@ -2,7 +2,7 @@
 
 Layers, bottom first (a module may import its own layer and the ones below):
 
-0. ``_errors``, ``_log``, ``_io``
+0. ``_errors``, ``_log``, ``_io``, ``_args``, ``_formats``
 1. ``format`` (pure: no I/O, no logging, no locks), ``_locks``, ``_disk``
 2. ``image``: one file
 3. ``chain``: a stack of files
@@ -27,6 +27,8 @@ LAYERS: dict[str, int] = {
     "_errors": 0,
     "_log": 0,
     "_io": 0,
+    "_args": 0,
+    "_formats": 0,
     "format": 1,
     "_locks": 1,
     "_disk": 1,

@@ -89,7 +89,7 @@ def test_create_disk_defaults(qemu: Qemu, tmp_path: Path) -> None:
 @pytest.mark.parametrize("size", [0, 512, 3 * MiB + 512, 10 * GiB])
 def test_create_disk_is_clean(qemu: Qemu, tmp_path: Path, cluster_size: int, size: int) -> None:
     path = tmp_path / "disk.qcow2"
-    with create_disk(path, size=size, cluster_size=cluster_size):
+    with create_disk(path, size=size, cluster_size=cluster_size, persistent=False):
         qemu.assert_clean(path)
         info = qemu.info(path)
         assert (info["virtual-size"], info["cluster-size"]) == (size, cluster_size)
@@ -98,7 +98,7 @@ def test_create_disk_is_clean(qemu: Qemu, tmp_path: Path, cluster_size: int, siz
 
 def test_create_disk_takes_qemu_writes(qemu: Qemu, tmp_path: Path) -> None:
     path = tmp_path / "disk.qcow2"
-    create_disk(path, size=64 * MiB, cluster_size=4 * KiB).leak()
+    create_disk(path, size=64 * MiB, cluster_size=4 * KiB, persistent=False).leak()
     qemu.write(path, ["write -P 0x11 0 1M", "write -P 0x22 63M 1M", "write -z 10M 1M"])
     qemu.assert_clean(path)
     qemu.io("-c", "read -P 0x11 0 1M", "-c", "read -P 0x22 63M 1M", "-c", "read -P 0 1M 62M",
@@ -115,26 +115,26 @@ def test_create_disk_rounds_size_up_to_sectors(qemu: Qemu, tmp_path: Path) -> No
 @pytest.mark.parametrize("cluster_size", [0, 256, 1000, 4 * MiB, -512])
 def test_create_disk_refuses_bad_cluster_size(tmp_path: Path, cluster_size: int) -> None:
     with pytest.raises(InvalidArgumentError) as info:
-        create_disk(tmp_path / "d.qcow2", size=MiB, cluster_size=cluster_size)
+        create_disk(tmp_path / "d.qcow2", size=MiB, cluster_size=cluster_size, persistent=False)
     assert info.value.field == "cluster_size"
     assert not (tmp_path / "d.qcow2").exists()
 
 
 def test_create_disk_refuses_bad_size(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgumentError) as info:
-        create_disk(tmp_path / "d.qcow2", size=-1)
+        create_disk(tmp_path / "d.qcow2", size=-1, persistent=False)
     assert info.value.field == "size"
     with pytest.raises(InvalidArgumentError):
-        create_disk(tmp_path / "d.qcow2", size=1 << 50, cluster_size=512)
+        create_disk(tmp_path / "d.qcow2", size=1 << 50, cluster_size=512, persistent=False)
     assert not (tmp_path / "d.qcow2").exists()
     assert [p.name for p in tmp_path.iterdir()] == []
 
 
 def test_create_disk_existing_same_image_is_returned_persistent(tmp_path: Path) -> None:
     path = tmp_path / "disk.qcow2"
-    create_disk(path, size=GiB).leak()
+    create_disk(path, size=GiB, persistent=False).leak()
     before = snapshot(path)
-    again = create_disk(path, size=GiB)  # asked for an ephemeral disk...
+    again = create_disk(path, size=GiB, persistent=False)  # asked for an ephemeral disk...
     assert again.persistent  # ...but it did not create the file, so it never deletes it
     again.close()
     assert snapshot(path) == before
@@ -144,7 +144,7 @@ def test_create_disk_existing_qemu_image_is_reused(qemu: Qemu, tmp_path: Path) -
     path = tmp_path / "disk.qcow2"
     qemu.img("create", "-q", "-f", "qcow2", path, "1G")
     before = snapshot(path)
-    with create_disk(path, size=GiB) as disk:
+    with create_disk(path, size=GiB, persistent=False) as disk:
         assert disk.persistent
     assert snapshot(path) == before
 
@@ -189,7 +189,7 @@ def test_create_disk_never_touches_something_else(
     path = _occupants(tmp_path, qemu)[occupant]
     before = snapshot(path) if not path.is_symlink() else (os.readlink(path),)
     with pytest.raises(DiskExistsError) as info:
-        create_disk(path, size=GiB)
+        create_disk(path, size=GiB, persistent=False)
     assert isinstance(info.value, FileExistsError)
     assert info.value.path == str(path)
     after = snapshot(path) if not path.is_symlink() else (os.readlink(path),)
@@ -217,7 +217,7 @@ def test_child_is_clean_and_reads_through(
     base_digest = digest(base)
     child = tmp_path / "boxes" / "b1" / "disk.qcow2"
     disk = create_cow_child_disk(base, BackingFormat(base_format), child, relative=relative,
-                                 cluster_size=cluster_size)
+                                 cluster_size=cluster_size, persistent=False)
     try:
         qemu.assert_clean(child)
         info = qemu.info(child)
@@ -246,7 +246,7 @@ def test_child_is_clean_and_reads_through(
 def test_child_is_ephemeral_by_default_and_persistent_on_request(
     tmp_path: Path, raw_base: Path
 ) -> None:
-    eph = create_cow_child_disk(raw_base, BackingFormat.RAW, tmp_path / "e.qcow2")
+    eph = create_cow_child_disk(raw_base, BackingFormat.RAW, tmp_path / "e.qcow2", persistent=False)
     assert not eph.persistent
     eph.close()
     assert not (tmp_path / "e.qcow2").exists()
@@ -259,12 +259,13 @@ def test_child_is_ephemeral_by_default_and_persistent_on_request(
 def test_child_default_size_is_base_size(qemu: Qemu, tmp_path: Path) -> None:
     raw = tmp_path / "odd.raw"
     raw.write_bytes(b"\x01" * (3 * MiB + 1000))
-    with create_cow_child_disk(raw, "raw", tmp_path / "c1.qcow2") as c1:
+    with create_cow_child_disk(raw, "raw", tmp_path / "c1.qcow2", persistent=False) as c1:
         # QEMU rounds a qcow2's size up to whole sectors; boxdisk does the same.
         assert qemu.info(c1.path)["virtual-size"] == 3 * MiB + 1024
     q = tmp_path / "q.qcow2"
     qemu.img("create", "-q", "-f", "qcow2", q, "7M")
-    with create_cow_child_disk(q, BackingFormat.QCOW2, tmp_path / "c2.qcow2") as c2:
+    with create_cow_child_disk(q, BackingFormat.QCOW2, tmp_path / "c2.qcow2",
+            persistent=False) as c2:
         assert qemu.info(c2.path)["virtual-size"] == 7 * MiB
         qemu.assert_clean(c2.path)
 
@@ -272,7 +273,8 @@ def test_child_default_size_is_base_size(qemu: Qemu, tmp_path: Path) -> None:
 def test_child_larger_than_base_reads_zeros_past_it(
     qemu: Qemu, tmp_path: Path, raw_base: Path
 ) -> None:
-    with create_cow_child_disk(raw_base, "raw", tmp_path / "big.qcow2", 64 * MiB) as child:
+    with create_cow_child_disk(raw_base, "raw", tmp_path / "big.qcow2", 64 * MiB,
+            persistent=False) as child:
         qemu.assert_clean(child.path)
         assert qemu.info(child.path)["virtual-size"] == 64 * MiB
         qemu.io("-c", "read -P 0x5a 0 1M", "-c", "read -P 0 4M 60M", child.path)
@@ -297,7 +299,7 @@ def test_relative_child_survives_moving_the_tree(
     qemu: Qemu, tmp_path: Path, raw_base: Path
 ) -> None:
     child = tmp_path / "boxes" / "b1" / "disk.qcow2"
-    create_cow_child_disk(raw_base, "raw", child, relative=True).leak()
+    create_cow_child_disk(raw_base, "raw", child, relative=True, persistent=False).leak()
     qemu.write(child, ["write -P 0x77 0 4k"])
     moved = tmp_path.parent / (tmp_path.name + "-moved")
     shutil.move(tmp_path, moved)
@@ -312,7 +314,8 @@ def test_relative_child_survives_moving_the_tree(
 def test_absolute_name_is_the_real_path(qemu: Qemu, tmp_path: Path, raw_base: Path) -> None:
     link_dir = tmp_path / "link"
     link_dir.symlink_to(raw_base.parent)
-    with create_cow_child_disk(link_dir / "base.raw", "raw", tmp_path / "c.qcow2") as child:
+    with create_cow_child_disk(link_dir / "base.raw", "raw", tmp_path / "c.qcow2",
+            persistent=False) as child:
         assert read_backing_file_path(child.path) == os.path.realpath(raw_base)
         assert qemu.info(child.path)["backing-filename"] == str(raw_base.resolve())
 
@@ -324,7 +327,7 @@ def test_relative_name_through_symlinked_child_dir(
     real.mkdir(parents=True)
     (tmp_path / "alias").symlink_to(real)
     child = tmp_path / "alias" / "c.qcow2"
-    with create_cow_child_disk(raw_base, "raw", child, relative=True):
+    with create_cow_child_disk(raw_base, "raw", child, relative=True, persistent=False):
         # QEMU opens the name relative to the child's directory as the kernel resolves it.
         qemu.assert_clean(child)
         qemu.io("-c", "read -P 0x5a 0 1M", child)
@@ -335,17 +338,18 @@ def test_unicode_paths(qemu: Qemu, tmp_path: Path, raw_base: Path) -> None:
     raw_base.rename(base)
     for relative in (False, True):
         child = tmp_path / "bóx" / f"dïsk-{relative}.qcow2"
-        with create_cow_child_disk(base, "raw", child, relative=relative):
+        with create_cow_child_disk(base, "raw", child, relative=relative, persistent=False):
             qemu.assert_clean(child)
             assert os.path.samefile(qemu.info(child)["full-backing-filename"], base)
 
 
 def test_backing_format_accepts_names(tmp_path: Path, raw_base: Path) -> None:
     for i, fmt in enumerate(["raw", "RAW", DiskFormat.RAW, DiskFormat.EXT4, BackingFormat.RAW]):
-        with create_cow_child_disk(raw_base, fmt, tmp_path / f"c{i}.qcow2") as child:
+        with create_cow_child_disk(raw_base, fmt, tmp_path / f"c{i}.qcow2",
+                persistent=False) as child:
             assert boxdisk.read_header(child.path).backing_format == "raw"
     with pytest.raises(InvalidArgumentError) as info:
-        create_cow_child_disk(raw_base, "vmdk", tmp_path / "x.qcow2")
+        create_cow_child_disk(raw_base, "vmdk", tmp_path / "x.qcow2", persistent=False)
     assert info.value.field == "backing_format"
     assert not (tmp_path / "x.qcow2").exists()
 
@@ -355,15 +359,15 @@ def test_backing_format_accepts_names(tmp_path: Path, raw_base: Path) -> None:
 
 def test_child_of_missing_base_is_refused(tmp_path: Path) -> None:
     with pytest.raises(BackingChainError):
-        create_cow_child_disk(tmp_path / "nope.raw", "raw", tmp_path / "c.qcow2")
+        create_cow_child_disk(tmp_path / "nope.raw", "raw", tmp_path / "c.qcow2", persistent=False)
     with pytest.raises(BackingChainError):
-        create_cow_child_disk(tmp_path, "raw", tmp_path / "c.qcow2")
+        create_cow_child_disk(tmp_path, "raw", tmp_path / "c.qcow2", persistent=False)
     assert not (tmp_path / "c.qcow2").exists()
 
 
 def test_qcow2_child_of_non_qcow2_base_is_refused(tmp_path: Path, raw_base: Path) -> None:
     with pytest.raises(BoxdiskError) as info:
-        create_cow_child_disk(raw_base, "qcow2", tmp_path / "c.qcow2")
+        create_cow_child_disk(raw_base, "qcow2", tmp_path / "c.qcow2", persistent=False)
     assert info.value.field == "magic"
     assert not (tmp_path / "c.qcow2").exists()
 
@@ -376,10 +380,11 @@ def test_backing_name_too_long_is_refused(tmp_path: Path) -> None:
     base = deep / "base.raw"
     base.write_bytes(bytes(MiB))
     with pytest.raises(InvalidArgumentError):
-        create_cow_child_disk(base, "raw", tmp_path / "c.qcow2")
+        create_cow_child_disk(base, "raw", tmp_path / "c.qcow2", persistent=False)
     assert not (tmp_path / "c.qcow2").exists()
     # ...but the same base, named relatively, fits.
-    with create_cow_child_disk(base, "raw", deep / "c.qcow2", relative=True) as child:
+    with create_cow_child_disk(base, "raw", deep / "c.qcow2", relative=True,
+            persistent=False) as child:
         assert read_backing_file_path(child.path) == "base.raw"
 
 
@@ -387,12 +392,13 @@ def test_existing_same_child_is_returned_persistent(
     qemu: Qemu, tmp_path: Path, raw_base: Path
 ) -> None:
     child = tmp_path / "c.qcow2"
-    create_cow_child_disk(raw_base, "raw", child, relative=True).leak()
+    create_cow_child_disk(raw_base, "raw", child, relative=True, persistent=False).leak()
     qemu.write(child, ["write -P 0x99 0 4k"])  # the box's data
     before = snapshot(child)
     # Same backing named differently (absolute now, through a symlink): same file.
     (tmp_path / "alias.raw").symlink_to(raw_base)
-    again = create_cow_child_disk(tmp_path / "alias.raw", BackingFormat.RAW, child)
+    again = create_cow_child_disk(tmp_path / "alias.raw", BackingFormat.RAW, child,
+            persistent=False)
     assert again.persistent
     again.close()
     assert snapshot(child) == before
@@ -401,7 +407,7 @@ def test_existing_same_child_is_returned_persistent(
 def test_existing_qemu_child_is_returned(qemu: Qemu, tmp_path: Path, raw_base: Path) -> None:
     child = tmp_path / "c.qcow2"
     qemu.img("create", "-q", "-f", "qcow2", "-b", raw_base, "-F", "raw", child)
-    with create_cow_child_disk(raw_base, "raw", child) as again:
+    with create_cow_child_disk(raw_base, "raw", child, persistent=False) as again:
         assert again.persistent
     assert child.exists()
 
@@ -428,7 +434,7 @@ def test_existing_different_child_is_refused_untouched(
         child.mkdir()
     before = snapshot(child)
     with pytest.raises(DiskExistsError):
-        create_cow_child_disk(raw_base, "raw", child)
+        create_cow_child_disk(raw_base, "raw", child, persistent=False)
     assert snapshot(child) == before
 
 

@@ -196,11 +196,13 @@ def test_seed_names_are_exported(name: str) -> None:
 def test_seed_signatures() -> None:
     sig = inspect.signature(boxdisk.create_disk)
     assert list(sig.parameters)[:2] == ["path", "persistent"]
-    assert sig.parameters["persistent"].default is False
+    # Issue 12: no default, as in the Rust runtime (a caller always says which it wants).
+    assert sig.parameters["persistent"].default is inspect.Parameter.empty
     assert sig.parameters["size"].default == 10 * 1024**3
     sig = inspect.signature(boxdisk.create_cow_child_disk)
     assert list(sig.parameters)[:4] == ["base_disk", "backing_format", "child_path",
                                         "virtual_size"]
+    assert sig.parameters["persistent"].default is inspect.Parameter.empty
     sig = inspect.signature(boxdisk.clone_disk_pair)
     positional = [n for n, p in sig.parameters.items() if p.kind is not p.KEYWORD_ONLY]
     assert positional == ["src_container", "dst_container", "src_guest", "dst_dir"]

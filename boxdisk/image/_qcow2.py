@@ -18,6 +18,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from boxdisk._args import as_path
 from boxdisk._errors import CorruptImageError, ImageIOError, UnsupportedFeatureError
 from boxdisk._log import get_logger
 from boxdisk.format import (
@@ -97,7 +98,7 @@ class Qcow2Image(Image):
         dirty bit is refused only with ``trust_refcounts=True``, since a dirty
         image's refcounts may be stale while its L1/L2 tables are sound.
         """
-        p = os.fspath(path)
+        p = as_path(path, "path")
         fd, file_size = open_image_fd(p)
         self = cls.__new__(cls)
         Image.__init__(self, p, fd)

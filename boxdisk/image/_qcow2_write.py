@@ -183,7 +183,8 @@ class Qcow2Writer(WritableImage):
             os.close(fd)
             raise
         if read_below is None and below_size is None and self.backing_file is not None:
-            self._read_below, self._below_size = None, 1 << 63  # unknown: may hold data
+            self._read_below: ReadBelow | None = None  # unknown: may hold data
+            self._below_size = 1 << 63
         else:
             self.attach_below(read_below, below_size)
 

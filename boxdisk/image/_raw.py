@@ -6,6 +6,8 @@ import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from boxdisk._args import as_path
+
 from ._base import Image, data_extents, open_image_fd
 from ._runs import Run, RunKind
 
@@ -34,7 +36,7 @@ class RawImage(Image):
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Self:
         """Open ``path`` read-only."""
-        p = os.fspath(path)
+        p = as_path(path, "path")
         fd, size = open_image_fd(p)
         self = cls.__new__(cls)
         Image.__init__(self, p, fd)

@@ -66,6 +66,7 @@ from typing import Any, Literal
 
 import attrs
 
+from boxdisk._args import as_path
 from boxdisk._errors import (
     CorruptImageError,
     ImageIOError,
@@ -360,7 +361,7 @@ def check(path: str | os.PathLike[str], *, repair: Repair | None = None) -> Chec
     if repair not in (None, "leaks", "all"):
         msg = f"repair must be None, 'leaks' or 'all', not {repair!r}"
         raise InvalidArgumentError(msg, field="repair", value=repair)
-    p = os.fspath(path)
+    p = as_path(path, "path")
     start = time.perf_counter()
     try:
         # O_NONBLOCK: a FIFO must not hang the check (its reads then fail, typed).

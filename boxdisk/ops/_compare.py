@@ -18,6 +18,8 @@ from collections.abc import Iterable, Iterator
 
 import attrs
 
+from boxdisk._args import as_optional_format, as_path, as_paths
+from boxdisk._formats import FormatArg
 from boxdisk._locks import ensure_consistent_read
 from boxdisk._log import get_logger
 from boxdisk.chain import BackingChain, open_chain
@@ -103,8 +105,8 @@ def compare(
     a: str | os.PathLike[str],
     b: str | os.PathLike[str],
     *,
-    format_a: str | None = None,
-    format_b: str | None = None,
+    format_a: FormatArg | None = None,
+    format_b: FormatArg | None = None,
     allowed_roots: Iterable[str | os.PathLike[str]] | None = None,
     force_share: bool = False,
 ) -> CompareResult:
@@ -116,7 +118,10 @@ def compare(
     another process is writing (a running VM) is refused with
     :class:`DiskInUseError` unless ``force_share=True`` (``qemu-img -U``).
     """
-    roots = None if allowed_roots is None else list(allowed_roots)
+    a, b = as_path(a, "a"), as_path(b, "b")
+    format_a = as_optional_format(format_a, "format_a", path=a)
+    format_b = as_optional_format(format_b, "format_b", path=b)
+    roots = as_paths(allowed_roots, "allowed_roots")
     with open_chain(a, format=format_a, allowed_roots=roots) as ca, \
             open_chain(b, format=format_b, allowed_roots=roots) as cb:
         if not force_share:

@@ -15,7 +15,9 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 
+from boxdisk._args import as_format, as_optional_format, as_path, as_paths, as_size
 from boxdisk._errors import BackingChainError, InvalidArgumentError, UnsupportedFeatureError
+from boxdisk._formats import FormatArg
 from boxdisk._locks import ensure_not_in_use
 from boxdisk._log import get_logger
 from boxdisk.chain import BackingChain, open_chain
@@ -121,7 +123,9 @@ def commit(
     bytes the top already shows) and at most leaked clusters; run it again.
     """
     start_t = time.perf_counter()
-    top_path = os.fspath(top)
+    top_path = as_path(top, "top")
+    base = None if base is None else as_path(base, "base")
+    allowed_roots = as_paths(allowed_roots, "allowed_roots")
     ensure_not_in_use(top_path, "commit")
     with open_chain(top_path, allowed_roots=allowed_roots) as chain:
         depth = _find_depth(chain, base)
@@ -247,7 +251,7 @@ def rebase(
     image: str | os.PathLike[str],
     new_backing: str | os.PathLike[str] | None,
     *,
-    backing_format: str | None = None,
+    backing_format: FormatArg | None = None,
     safe: bool = True,
     relative: bool = False,
     progress: Progress | None = None,
@@ -270,7 +274,10 @@ def rebase(
     finishes it.
     """
     start_t = time.perf_counter()
-    path = os.fspath(image)
+    path = as_path(image, "image")
+    new_backing = None if new_backing is None else as_path(new_backing, "new_backing")
+    backing_format = as_optional_format(backing_format, "backing_format", path=path)
+    allowed_roots = as_paths(allowed_roots, "allowed_roots")
     ensure_not_in_use(path, "rebase")
     if new_backing is not None and backing_format is None:
         msg = "backing_format is required with a new backing file (it is never probed)"
@@ -326,7 +333,7 @@ def rebase(
 # -- resize ---------------------------------------------------------------------------
 
 
-def resize(path: str | os.PathLike[str], new_size: int, *, format: str = "qcow2",
+def resize(path: str | os.PathLike[str], new_size: int, *, format: FormatArg = "qcow2",
            allowed_roots: Iterable[str | os.PathLike[str]] | None = None) -> None:
     """Grow a qcow2 (or raw) image, or shrink it when nothing is stored past the new end.
 
@@ -337,7 +344,10 @@ def resize(path: str | os.PathLike[str], new_size: int, *, format: str = "qcow2"
     cut. Refused with :class:`DiskInUseError` while a QEMU holds the image.
     ``allowed_roots`` confines every backing file.
     """
-    p = os.fspath(path)
+    p = as_path(path, "path")
+    format = as_format(format, "format", path=p)
+    as_size(new_size, "new_size")
+    allowed_roots = as_paths(allowed_roots, "allowed_roots")
     ensure_not_in_use(p, "resize")
     with open_chain(p, format=format, writable=True, allowed_roots=allowed_roots) as chain:
         top = chain.images[0]

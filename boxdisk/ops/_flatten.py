@@ -20,7 +20,9 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 
+from boxdisk._args import as_format, as_optional_format, as_path, as_size
 from boxdisk._errors import InvalidArgumentError
+from boxdisk._formats import FormatArg
 from boxdisk._io import pwrite_all
 from boxdisk._locks import ensure_consistent_read, ensure_not_in_use
 from boxdisk._log import get_logger
@@ -214,6 +216,15 @@ def _open_source(src: str | os.PathLike[str] | BackingChain, src_format: str | N
     return chain, True
 
 
+def _source_args(src: str | os.PathLike[str] | BackingChain, src_format: FormatArg | None,
+                 backing_format: FormatArg | None,
+                 ) -> tuple[str | BackingChain, str | None, str | None]:
+    """The source (a path as ``str``, or an open chain) and its formats, normalised."""
+    source: str | BackingChain = src if isinstance(src, BackingChain) else as_path(src, "src")
+    return (source, as_optional_format(src_format, "src_format"),
+            as_optional_format(backing_format, "backing_format"))
+
+
 def _check_destination(dst: str, overwrite: bool) -> None:
     """An existing ``dst`` that a running QEMU holds is never replaced."""
     if overwrite:
@@ -221,6 +232,7 @@ def _check_destination(dst: str, overwrite: bool) -> None:
 
 
 def _check_cluster_size(cluster_size: int) -> None:
+    as_size(cluster_size, "cluster_size")
     if cluster_size & (cluster_size - 1) or not 512 <= cluster_size <= 2 * 1024 * 1024:
         msg = f"cluster size {cluster_size} is not a power of two from 512 B to 2 MiB"
         raise InvalidArgumentError(msg, field="cluster_size", value=cluster_size)
@@ -230,9 +242,9 @@ def convert(
     src: str | os.PathLike[str] | BackingChain,
     dst: str | os.PathLike[str],
     *,
-    output_format: str,
-    src_format: str | None = None,
-    backing_format: str | None = None,
+    output_format: FormatArg,
+    src_format: FormatArg | None = None,
+    backing_format: FormatArg | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
     cluster_size: int = _DEFAULT_CLUSTER_SIZE,
@@ -257,22 +269,21 @@ def convert(
     VM) is refused with :class:`DiskInUseError` unless ``force_share=True``; so is
     replacing a ``dst`` a QEMU holds.
     """
-    if output_format not in _FORMATS:
-        msg = f"output format {output_format!r} is not one of {', '.join(_FORMATS)}"
-        raise InvalidArgumentError(msg, field="output_format", value=output_format)
+    out_format = as_format(output_format, "output_format", allowed=_FORMATS)
+    src, src_format, backing_format = _source_args(src, src_format, backing_format)
     _check_cluster_size(cluster_size)
-    dst_path = os.fspath(dst)
+    dst_path = as_path(dst, "dst")
     t0 = time.perf_counter()
     _check_destination(dst_path, overwrite)
     chain, owned = _open_source(src, src_format, backing_format, allowed_roots, force_share)
     try:
-        data_bytes = _copy(chain, dst_path, output_format, overwrite=overwrite,
+        data_bytes = _copy(chain, dst_path, out_format, overwrite=overwrite,
                            progress=progress, cluster_size=cluster_size)
     finally:
         if owned:
             chain.close()
     ms = round((time.perf_counter() - t0) * 1000, 1)
-    log.info("converted", src=chain.paths[0], dst=dst_path, output_format=output_format,
+    log.info("converted", src=chain.paths[0], dst=dst_path, output_format=out_format,
              depth=len(chain.paths), data_bytes=data_bytes, ms=ms)
     return data_bytes
 
@@ -283,8 +294,8 @@ def flatten(
     *,
     progress: Progress | None = None,
     overwrite: bool = False,
-    src_format: str | None = None,
-    backing_format: str | None = None,
+    src_format: FormatArg | None = None,
+    backing_format: FormatArg | None = None,
     cluster_size: int = _DEFAULT_CLUSTER_SIZE,
     allowed_roots: Roots = None,
     force_share: bool = False,
@@ -298,8 +309,9 @@ def flatten(
     :func:`convert` for ``dst`` handling, ``progress``, ``allowed_roots`` and
     ``force_share``.
     """
+    src, src_format, backing_format = _source_args(src, src_format, backing_format)
     _check_cluster_size(cluster_size)
-    dst_path = os.fspath(dst)
+    dst_path = as_path(dst, "dst")
     t0 = time.perf_counter()
     _check_destination(dst_path, overwrite)
     chain, owned = _open_source(src, src_format, backing_format, allowed_roots, force_share)

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from boxdisk._args import as_format, as_path
 from boxdisk._errors import (
     AlreadyExistsError,
     BoxdiskError,
@@ -40,6 +41,7 @@ from boxdisk._errors import (
     StoreError,
     StoreFormatError,
 )
+from boxdisk._formats import FormatArg
 from boxdisk._locks import ensure_not_in_use, image_in_use, remove_stale_temp, temp_held
 from boxdisk._log import get_logger
 from boxdisk.chain import open_chain
@@ -223,7 +225,7 @@ class BoxStore:
             msg = f"lock_timeout {lock_timeout!r} is not a non-negative number of seconds"
             raise InvalidArgumentError(msg, field="lock_timeout", value=lock_timeout)
         self._closed = True
-        self._layout = Layout(Path(os.path.realpath(root)))
+        self._layout = Layout(Path(os.path.realpath(as_path(root, "root"))))
         with _reported("opening the store", self._layout.root):
             self._open_or_create()
             self._locks = StoreLocks(self._layout, float(lock_timeout))
@@ -585,7 +587,7 @@ class BoxStore:
         self._check_open()
         check_name(name, "base name")
         fmt = BackingFormat.parse(backing_format)
-        src = Path(source)
+        src = Path(as_path(source, "source"))
         if not src.is_file():
             msg = "base source is not a regular file"
             raise NotFoundError(msg, path=src, field="source", value=os.fspath(src))
@@ -707,7 +709,7 @@ class BoxStore:
         remove_tree(self._layout.abs(record.data["stage"]))
 
     def import_box(self, box_id: str, image: str | os.PathLike[str], *,
-                   format: str = "qcow2") -> Box:
+                   format: FormatArg = "qcow2") -> Box:
         """Make a standalone image (``format`` qcow2 or raw, never probed) a new box.
 
         A qcow2 must have no backing file and check without corruption. Its
@@ -715,10 +717,8 @@ class BoxStore:
         """
         self._check_open()
         check_name(box_id, "box id")
-        if format not in ("qcow2", "raw"):
-            msg = f"image format {format!r} is not 'qcow2' or 'raw'"
-            raise InvalidArgumentError(msg, field="format", value=format)
-        src = Path(image)
+        format = as_format(format, "format")
+        src = Path(as_path(image, "image"))
         if not src.is_file():
             msg = "image to import is not a regular file"
             raise NotFoundError(msg, path=src, field="image", value=os.fspath(src))
@@ -1310,6 +1310,7 @@ class BoxStore:
         """
         self._check_open()
         check_name(box_id, "box id")
+        dest = as_path(dest, "dest")
         if snapshot is not None:
             check_name(snapshot, "snapshot name")
         start = time.perf_counter()

@@ -80,7 +80,7 @@ def test_flatten_two_layer_chain(qemu, tmp_path: Path) -> None:
     base = tmp_path / "base.raw"
     _write_marker_raw(base, 4)
     child = tmp_path / "child.qcow2"
-    with create_cow_child_disk(base, BackingFormat.RAW, child, 4 * 64 * KIB):
+    with create_cow_child_disk(base, BackingFormat.RAW, child, 4 * 64 * KIB, persistent=False):
         dst = tmp_path / "flat.qcow2"
         flatten(child, dst)
         _verify_flatten_output(qemu, child, dst, 4 * 64 * KIB)
@@ -94,8 +94,8 @@ def test_flatten_three_layer_chain(qemu, tmp_path: Path) -> None:
     _write_marker_raw(base, 2)
     mid = tmp_path / "mid.qcow2"
     top = tmp_path / "top.qcow2"
-    with create_cow_child_disk(base, BackingFormat.RAW, mid, 128 * KIB), \
-            create_cow_child_disk(mid, BackingFormat.QCOW2, top, 128 * KIB):
+    with create_cow_child_disk(base, BackingFormat.RAW, mid, 128 * KIB, persistent=False), \
+            create_cow_child_disk(mid, BackingFormat.QCOW2, top, 128 * KIB, persistent=False):
         dst = tmp_path / "flat.qcow2"
         flatten(top, dst)
         _verify_flatten_output(qemu, top, dst, 128 * KIB)

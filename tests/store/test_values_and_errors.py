@@ -87,7 +87,7 @@ def test_store_disks_are_persistent_to_handles(tmp_path: Path) -> None:
         with pytest.raises(NotFoundError):
             box.open_disk(guest=True)
         # Even an ephemeral handle on a file inside a store never deletes it.
-        scratch = create_disk(box.dir / "scratch.qcow2", size=SIZE)
+        scratch = create_disk(box.dir / "scratch.qcow2", size=SIZE, persistent=False)
         assert not scratch.persistent
         scratch.close()
         assert (box.dir / "scratch.qcow2").exists()
