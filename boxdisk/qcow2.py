@@ -425,6 +425,8 @@ def set_backing_file_path(
     """
     path = Path(as_path(qcow2_path, "qcow2_path"))
     new_backing = as_path(new_backing, "new_backing")
+    if backing_format is not None:
+        backing_format = BackingFormat.parse(backing_format)
     header = read_header(path)
     if header.backing_file is None:
         msg = "cannot rebase: no existing backing file reference"

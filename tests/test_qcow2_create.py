@@ -449,3 +449,26 @@ def test_many_children_of_one_base(qemu: Qemu, tmp_path: Path, raw_base: Path) -
     for i, child in enumerate(children[:5]):
         qemu.io("-c", f"read -P {i + 1} 0 64k", "-c", "read -P 0x5a 64k 960k", child)
     qemu.io("-c", "read -P 0x5a 0 64k", children[10])
+
+
+@pytest.mark.parametrize("o_tmpfile", [True, False])
+def test_new_images_with_and_without_o_tmpfile(tmp_path: Path, o_tmpfile: bool,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """O_TMPFILE + linkat where the file system has it; the named temporary file otherwise.
+
+    Either way the target appears whole, no temporary name is left behind,
+    and an existing file is never replaced.
+    """
+    import boxdisk.qcow2 as q  # noqa: PLC0415
+
+    monkeypatch.setattr(q, "use_o_tmpfile", o_tmpfile and q.use_o_tmpfile)
+    base = tmp_path / "base.qcow2"
+    with create_disk(base, True, size=1 << 20):
+        pass
+    child = tmp_path / "child.qcow2"
+    with create_cow_child_disk(base, "qcow2", child, persistent=True) as disk:
+        assert disk.path == child
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.qcow2", "child.qcow2"]
+    assert boxdisk.read_header(child).backing_file == str(base.resolve())
+    with pytest.raises(DiskExistsError):
+        create_cow_child_disk(base, "raw", child, persistent=True)
