@@ -75,9 +75,11 @@ TABLE: list[tuple[str, Call, tuple[str, ...], tuple[str, ...]]] = [
 
 FORMATS = [(n, c, p) for n, c, fs, _ in TABLE for p in fs]
 PATHS = [(n, c, p) for n, c, _, ps in TABLE for p in ps]
+FORMAT_IDS = [f"{n}-{p}" for n, _, p in FORMATS]
+PATH_IDS = [f"{n}-{p}" for n, _, p in PATHS]
 
 
-@pytest.mark.parametrize(("name", "call", "param"), FORMATS, ids=[f"{n}-{p}" for n, _, p in FORMATS])
+@pytest.mark.parametrize(("name", "call", "param"), FORMATS, ids=FORMAT_IDS)
 @pytest.mark.parametrize("bad", ["vmdk", 7])
 def test_a_bad_format_names_the_parameter(img: Path, tmp_path: Path, name: str, call: Call,
                                           param: str, bad: object) -> None:
@@ -87,7 +89,7 @@ def test_a_bad_format_names_the_parameter(img: Path, tmp_path: Path, name: str, 
     assert "<" not in str(info.value), "an enum repr leaked into the message"
 
 
-@pytest.mark.parametrize(("name", "call", "param"), FORMATS, ids=[f"{n}-{p}" for n, _, p in FORMATS])
+@pytest.mark.parametrize(("name", "call", "param"), FORMATS, ids=FORMAT_IDS)
 @pytest.mark.parametrize("good", [boxdisk.BackingFormat.QCOW2, boxdisk.DiskFormat.QCOW2,
                                   "QCOW2"])
 def test_every_format_parameter_takes_the_enum_and_the_name(
@@ -97,7 +99,7 @@ def test_every_format_parameter_takes_the_enum_and_the_name(
     call(img, tmp_path, {param: good})
 
 
-@pytest.mark.parametrize(("name", "call", "param"), PATHS, ids=[f"{n}-{p}" for n, _, p in PATHS])
+@pytest.mark.parametrize(("name", "call", "param"), PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("bad", [42, b"/tmp/x", ""])
 def test_a_path_of_the_wrong_type_names_the_parameter(
         img: Path, tmp_path: Path, name: str, call: Call, param: str, bad: object) -> None:
@@ -106,7 +108,7 @@ def test_a_path_of_the_wrong_type_names_the_parameter(
     assert info.value.field == param, (name, info.value)
 
 
-@pytest.mark.parametrize(("name", "call", "param"), PATHS, ids=[f"{n}-{p}" for n, _, p in PATHS])
+@pytest.mark.parametrize(("name", "call", "param"), PATHS, ids=PATH_IDS)
 def test_every_path_parameter_takes_str_and_pathlike(
         img: Path, tmp_path: Path, name: str, call: Call, param: str) -> None:
     """The table's own arguments are PathLike (the format test runs them); here each as str."""
