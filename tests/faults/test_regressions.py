@@ -85,7 +85,7 @@ def test_a_short_write_never_makes_a_broken_child(qemu: Any, tmp_path: Path) -> 
     base = create(qemu, tmp_path / "base.qcow2", MIB)
     with Faults() as counter:
         create_cow_child_disk(base, "qcow2", tmp_path / "probe.qcow2", relative=True,
-                persistent=False)
+                              persistent=True)
     writes = [i + 1 for i, name in enumerate(counter.log) if name == "pwrite"]
     assert len(writes) >= 3
     for n in writes:
