@@ -23,15 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import shutil
 import struct
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-
-import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -89,9 +86,7 @@ def bench_check(path: Path, runs: int, title: str, *, fresh_process: bool) -> No
     print(row("qemu-img check (process)", t_qemu))
     print(row("boxdisk.check (in process)", t_box, t_qemu))
     if fresh_process:
-        code = ("import logging, structlog; structlog.configure(wrapper_class="
-                "structlog.make_filtering_bound_logger(logging.WARNING)); "
-                f"import boxdisk; boxdisk.check({str(path)!r})")
+        code = f"import boxdisk; boxdisk.check({str(path)!r})"
         t_proc = best_of(runs, lambda: subprocess.run([sys.executable, "-c", code], check=True,
                                                       cwd=ROOT))
         print(row("boxdisk.check (fresh python process)", t_proc, t_qemu))
@@ -142,7 +137,6 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="3 runs, skip (d)")
     args = parser.parse_args()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     runs = 3 if args.quick else args.runs
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         keep = args.dir or Path(tmp)

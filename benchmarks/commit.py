@@ -17,7 +17,6 @@ the machine may be shared, so single runs are noisy.
 from __future__ import annotations
 
 import argparse
-import logging
 import random
 import shutil
 import subprocess
@@ -25,8 +24,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -73,7 +70,6 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="a 128 MiB top, one run")
     args = parser.parse_args()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     runs = 1 if args.quick else args.runs
     top_data = 128 * MIB if args.quick else 512 * MIB
     root = Path(tempfile.mkdtemp(prefix="boxdisk-bench-commit-", dir=args.dir))

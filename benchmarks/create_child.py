@@ -19,7 +19,6 @@ child run in a bare loop (so the Python cost is the difference). Targets:
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shutil
 import statistics
@@ -28,8 +27,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-import structlog
 
 from boxdisk import BackingFormat, create_cow_child_disk
 
@@ -126,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="where to create files (default: a temporary directory)")
     args = ap.parse_args(argv)
     # The application decides what boxdisk logs: keep the timed loop free of log output.
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
     qemu_img = shutil.which("qemu-img")
     with tempfile.TemporaryDirectory(prefix="boxdisk-bench-", dir=args.dir) as tmp:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import logging
 import os
 import random
 import shutil
@@ -36,8 +35,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-
-import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -150,9 +147,7 @@ def bench_a(d: Path, quick: bool, runs: int) -> None:
 
 
 CHILD = """
-import logging, resource, sys, time
-import structlog
-structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+import resource, sys, time
 sys.path.insert(0, {root!r})
 from boxdisk.ops import flatten
 t0 = time.perf_counter()
@@ -248,7 +243,6 @@ def main() -> None:
     args = ap.parse_args()
     if shutil.which("qemu-img") is None or shutil.which("qemu-io") is None:
         sys.exit("qemu-img and qemu-io are needed for this benchmark")
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs "
           "(other work on the machine shows up as noise)\n")
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="boxdisk-bench-") as tmp:

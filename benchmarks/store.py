@@ -32,7 +32,6 @@ shows the CPU cost alone.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shutil
 import statistics
@@ -42,8 +41,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-
-import structlog
 
 from boxdisk import create_disk, is_backing_dependency
 from boxdisk.graph import DependencyGraph
@@ -242,7 +239,6 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=10000)
     parser.add_argument("--dir", type=Path, default=None, help="where to build the store")
     args = parser.parse_args()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     qemu_img = shutil.which("qemu-img")
     if qemu_img is None:
         print("qemu-img is needed for the peer column (apt-get install qemu-utils)")

@@ -50,8 +50,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from boxdisk import AlreadyExistsError, DependentsExistError, NotFoundError
 from boxdisk import check as boxdisk_check
 from boxdisk._locks import remove_stale_temps
@@ -87,16 +85,19 @@ Blocks = list[int]
 
 
 def _quiet_logging(events: Path | None) -> None:
-    """Drop everything below warnings; append operation_recovered events to ``events``."""
+    """Append boxdisk's operation_recovered events to ``events``; print no log lines."""
 
-    def count(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
-        if events is not None and event.get("event") == "operation_recovered":
-            with events.open("a") as f:
-                f.write(json.dumps({"op": event.get("op"), "pid": os.getpid()}) + "\n")
-        raise structlog.DropEvent
+    class Recovered(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if events is not None and getattr(record, "event", None) == "operation_recovered":
+                kv = getattr(record, "kv", {})
+                with events.open("a") as f:
+                    f.write(json.dumps({"op": kv.get("op"), "pid": os.getpid()}) + "\n")
 
-    structlog.configure(processors=[count],
-                        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    store_log = logging.getLogger("boxdisk.store")
+    store_log.setLevel(logging.INFO)
+    store_log.addHandler(Recovered())
+    store_log.propagate = False
 
 
 def _save(path: Path, model: dict[str, Any]) -> None:

@@ -24,7 +24,6 @@ machine may be shared, so single runs are noisy.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import random
 import shutil
@@ -34,8 +33,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-
-import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -193,7 +190,6 @@ def main() -> int:
     parser.add_argument("--only", choices=["a", "b", "c"])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, one run")
     args = parser.parse_args()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     runs = 1 if args.quick else args.runs
     d = Path(tempfile.mkdtemp(prefix="boxdisk-bench-write-", dir=args.dir))
     try:

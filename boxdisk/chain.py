@@ -11,7 +11,7 @@ cycle, a missing file, a name outside ``allowed_roots`` or a chain longer than
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any, Self
 
@@ -417,8 +417,12 @@ class BackingChain:
                 return (None, 0) if offset >= below else None
 
     def read_into(self, offset: int, buf: memoryview | bytearray) -> None:
-        """Fill ``buf`` with the guest bytes at ``offset`` (every byte of it is written)."""
-        view = memoryview(buf)
+        """Fill ``buf`` with the guest bytes at ``offset`` (every byte of it is written).
+
+        ``buf`` is any writable, contiguous buffer (``bytearray``, ``mmap``, a
+        ``memoryview`` of one); its length in bytes is the length of the read.
+        """
+        view = _byte_view(buf, self.paths[0])
         hit = self._short(offset, len(view))
         if hit is not None:
             img, host = hit
@@ -511,11 +515,48 @@ class BackingChain:
             yield Extent(run.start, run.length, depth, present, not data, data, host, file)
 
 
+def _byte_view(buf: Any, path: str) -> memoryview:
+    """``buf`` as a writable one-dimensional byte view, or InvalidArgumentError."""
+    try:
+        view = memoryview(buf)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+    except TypeError as exc:
+        msg = f"buf must be a writable contiguous buffer, not {type(buf).__name__}"
+        raise InvalidArgumentError(msg, path=path, field="buf") from exc
+    if view.readonly:
+        msg = f"buf must be writable; this {type(buf).__name__} is read-only"
+        raise InvalidArgumentError(msg, path=path, field="buf")
+    return view
+
+
 def _fill_zeros(buf: memoryview, start: int, end: int) -> None:
+    """Zero ``buf[start:end]``: ``memset`` for long stretches, a copy of zeros otherwise.
+
+    ``memset`` only writes, so it runs at about twice the speed of copying from
+    a buffer of zeros; ctypes is imported the first time a stretch is that long,
+    which keeps ``import boxdisk`` as fast as before.
+    """
+    if end - start >= _MEMSET_MIN:
+        global _memset  # noqa: PLW0603 - bound once, on first use
+        if _memset is None:
+            import ctypes  # noqa: PLC0415 - only readers of long zero stretches pay for it
+
+            def memset(target: memoryview, at: int, n: int) -> None:
+                ctypes.memset(ctypes.addressof(ctypes.c_char.from_buffer(target, at)), 0, n)
+
+            _memset = memset
+        _memset(buf, start, end - start)
+        return
     while start < end:
         n = min(end - start, len(_ZEROS))
         buf[start : start + n] = _ZEROS[:n]
         start += n
+
+
+#: Stretches at least this long are zeroed with ``memset`` (see :func:`_fill_zeros`).
+_MEMSET_MIN = 64 * 1024
+_memset: Callable[[memoryview, int, int], None] | None = None
 
 
 def open_chain(

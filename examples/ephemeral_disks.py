@@ -12,14 +12,11 @@ scratch disks behind. The one disk worth keeping is kept with ``leak()``.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import structlog
 
 import boxdisk
 
@@ -100,9 +97,6 @@ def main(workdir: Path) -> int:
 
 
 if __name__ == "__main__":
-    # boxdisk logs key-value events through structlog and configures nothing itself;
-    # the application decides. Here: warnings only.
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     if len(sys.argv) > 1:
         sys.exit(main(Path(sys.argv[1])))
     with tempfile.TemporaryDirectory(prefix="boxdisk-ephemeral-") as tmp:

@@ -12,12 +12,9 @@ in for the guests here.
 
 from __future__ import annotations
 
-import logging
 import sys
 import tempfile
 from pathlib import Path
-
-import structlog
 
 import boxdisk
 
@@ -96,7 +93,6 @@ def main(workdir: Path) -> int:
 
 
 if __name__ == "__main__":
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     if len(sys.argv) > 1:
         sys.exit(main(Path(sys.argv[1])))
     with tempfile.TemporaryDirectory(prefix="boxdisk-snapshots-") as tmp:

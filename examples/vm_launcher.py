@@ -20,7 +20,6 @@ QEMU itself read the bytes boxdisk wrote. Elsewhere it prints the command line.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import socket
@@ -30,8 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-import structlog
 
 import boxdisk
 
@@ -178,7 +175,6 @@ def main(workdir: Path) -> int:
 
 
 if __name__ == "__main__":
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     if len(sys.argv) > 1:
         sys.exit(main(Path(sys.argv[1])))
     with tempfile.TemporaryDirectory(prefix="boxdisk-vm-") as tmp:

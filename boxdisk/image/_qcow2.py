@@ -424,8 +424,9 @@ class Qcow2Image(Image):
             host: int | None = None
             csize = 0
             if e == 0:
-                while j < last and t[j] == 0:
-                    j += 1
+                # The next entry in use, found at C speed in the table's own bytes.
+                found = _NONZERO_BYTE.search(t, j * 8, last * 8)
+                j = last if found is None else found.start() >> 3
                 kind = _UNALLOC
             elif e & QCOW_OFLAG_COMPRESSED:
                 kind = _COMPRESSED
