@@ -465,7 +465,7 @@ class BackingChain:
                 data = b""  # the general path raises the typed error
             if len(data) == length:
                 return data
-        buf = bytearray(length)
+        buf = bytearray(self._check_range(offset, length))
         self._read_into(offset, memoryview(buf), zeroed=True)
         return bytes(buf)
 
@@ -524,6 +524,9 @@ def _byte_view(buf: Any, path: str) -> memoryview:
     except TypeError as exc:
         msg = f"buf must be a writable contiguous buffer, not {type(buf).__name__}"
         raise InvalidArgumentError(msg, path=path, field="buf") from exc
+    if not view.c_contiguous:
+        msg = f"buf must be contiguous; this {type(buf).__name__} is strided"
+        raise InvalidArgumentError(msg, path=path, field="buf")
     if view.readonly:
         msg = f"buf must be writable; this {type(buf).__name__} is read-only"
         raise InvalidArgumentError(msg, path=path, field="buf")

@@ -177,6 +177,9 @@ class Image:
         raise NotImplementedError
 
     def _check_range(self, offset: int, length: int | None) -> int:
+        if self._fd < 0:  # also when every answer would come from a cached table
+            msg = "image is closed"
+            raise InvalidArgumentError(msg, path=self.path, field="fd")
         if length is None:
             length = self.size - offset
         if offset < 0 or length < 0 or offset + length > self.size:

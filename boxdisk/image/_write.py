@@ -75,7 +75,9 @@ class RawWriter(RawImage, WritableImage):
         try:
             if lock:
                 lock_for_write(fd, p)
-            self.size = os.fstat(fd).st_size
+            # As QEMU (and RawImage) see it: the file rounded up to whole sectors;
+            # the bytes past its end read as zeros and a write there extends it.
+            self.size = -(-os.fstat(fd).st_size // 512) * 512
         except BaseException:
             self._fd = -1
             os.close(fd)

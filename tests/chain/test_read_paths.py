@@ -627,13 +627,7 @@ def test_each_file_alone_matches_qemu(chains: Callable[[str], Built], name: str)
 
 
 #: Scenarios whose top boxdisk can open for writing (it refuses extended L2 tops).
-_WRITABLE = [
-    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=(
-        "RawWriter.size is the file's size (3 MiB + 700), not rounded up to whole 512-byte "
-        "sectors as QEMU and RawImage do (3 MiB + 1024): the writable chain is 324 bytes "
-        "short"))) if name == "raw-alone" else name
-    for name in SCENARIOS if name not in ("extended-l2", "cluster-2M")
-]
+_WRITABLE = [name for name in SCENARIOS if name not in ("extended-l2", "cluster-2M")]
 
 
 @pytest.mark.parametrize("name", _WRITABLE)
@@ -714,9 +708,6 @@ def test_reads_past_the_end_raise(chains: Callable[[str], Built], name: str) -> 
                         img.read(off, n)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "BackingChain.read(0, -1) raises a bare ValueError('negative count') from "
-    "bytearray(length) before _check_range runs; Qcow2Image.read raises InvalidArgumentError"))
 def test_a_negative_length_is_an_invalid_argument(chains: Callable[[str], Built]) -> None:
     with chains("zlib").open() as chain, pytest.raises(InvalidArgumentError):
         chain.read(0, -1)
@@ -758,9 +749,6 @@ def test_read_into_refuses_a_readonly_mmap(chains: Callable[[str], Built]) -> No
         chain.read_into(0, mm)
 
 
-@pytest.mark.xfail(strict=True, raises=BufferError, reason=(
-    "_byte_view accepts a 1-D 'B' memoryview without checking that it is contiguous: "
-    "a strided view raises BufferError from preadv over data (and is filled over zeros)"))
 def test_read_into_refuses_a_strided_view(chains: Callable[[str], Built]) -> None:
     """``read_into`` takes a *contiguous* buffer; a strided view is InvalidArgumentError."""
     with chains("zero-v3").open() as chain:
@@ -783,9 +771,6 @@ def test_read_into_fills_other_buffer_shapes(chains: Callable[[str], Built]) -> 
             assert wide.tobytes() == built.expected[off : off + 72000]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Image.read on a closed Qcow2Image answers from the cached L2 table: unallocated and "
-    "zero clusters read as zeros, only data clusters raise InvalidArgumentError"))
 def test_a_closed_image_refuses_reads(chains: Callable[[str], Built]) -> None:
     built = chains("zero-v3")
     img = Qcow2Image.open(built.files[0].path)
