@@ -28,6 +28,7 @@ from boxdisk._formats import FormatArg
 from boxdisk._log import get_logger
 from boxdisk.image import Image, Qcow2Image, RawImage, Run, RunKind
 from boxdisk.image._qcow2_write import open_writable
+from boxdisk.image._runs import RawRun
 from boxdisk.image._write import WritableImage
 
 __all__ = ["DEFAULT_MAX_DEPTH", "BackingChain", "Extent", "open_chain"]
@@ -47,6 +48,8 @@ DEFAULT_MAX_DEPTH = 64
 _CHAIN_L2_CACHE_BYTES = 32 * 1024 * 1024
 
 _ZEROS = memoryview(bytes(1024 * 1024))
+
+_UNALLOC, _DATA, _COMPRESSED = RunKind.UNALLOCATED, RunKind.DATA, RunKind.COMPRESSED
 
 _FORMATS = ("qcow2", "raw")
 
@@ -439,13 +442,31 @@ class BackingChain:
     def _read_into(self, offset: int, buf: memoryview, *, zeroed: bool) -> None:
         length = self._check_range(offset, len(buf))
         images = self._images
-        for depth, run in self._resolve(offset, offset + length, 0, False):
-            kind = run.kind
-            pos = run.start - offset
-            if kind is RunKind.DATA or kind is RunKind.COMPRESSED:
-                images[depth].read_run_into(run, buf[pos : pos + run.length])
+        for depth, (kind, start, n, host, csize) in self._read_runs(offset, offset + length, 0):
+            pos = start - offset
+            if kind is _DATA:
+                images[depth].pread_into(buf[pos : pos + n], host)  # type: ignore[arg-type]
+            elif kind is _COMPRESSED:
+                images[depth].read_run_into(Run(kind, start, n, host, csize), buf[pos : pos + n])
             elif not zeroed:
-                _fill_zeros(buf, pos, pos + run.length)
+                _fill_zeros(buf, pos, pos + n)
+
+    def _read_runs(self, start: int, end: int, depth: int) -> Iterator[tuple[int, RawRun]]:
+        """:meth:`_resolve` for a reader: raw tuples, unallocated ones without a host."""
+        images = self._images
+        below = depth + 1
+        bottom = below == len(images)
+        for raw in images[depth].read_runs(start, end):
+            if raw[0] is not _UNALLOC or bottom:
+                yield depth, raw
+                continue
+            s, e = raw[1], raw[1] + raw[2]
+            inner_end = min(e, images[below].size)
+            if s < inner_end:
+                yield from self._read_runs(s, inner_end, below)
+            if inner_end < e:
+                tail = max(s, inner_end)
+                yield depth, (_UNALLOC, tail, e - tail, None, 0)
 
     def read(self, offset: int, length: int) -> bytes:
         """The guest bytes ``[offset, offset + length)``, exactly as QEMU's guest reads them.

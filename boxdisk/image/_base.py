@@ -12,7 +12,7 @@ from typing import Self
 
 from boxdisk._errors import CorruptImageError, ImageIOError, InvalidArgumentError
 
-from ._runs import Run, RunKind
+from ._runs import RawRun, Run, RunKind
 
 __all__ = ["Image", "data_extents", "open_image_fd", "pread_exact"]
 
@@ -175,6 +175,16 @@ class Image:
         then DATA), which is all a reader needs.
         """
         raise NotImplementedError
+
+    def read_runs(self, start: int, end: int) -> Iterator[RawRun]:
+        """``[start, end)`` as uncoalesced ``(kind, start, length, host, csize)`` tuples.
+
+        What a reader needs and no more: the same stretches and checks as
+        ``runs(precise=False)``, without building and merging :class:`Run`
+        objects. Adjacent tuples may share a kind.
+        """
+        for r in self.runs(start, end - start, precise=False):
+            yield r.kind, r.start, r.length, r.host_offset, r.compressed_size
 
     def _check_range(self, offset: int, length: int | None) -> int:
         if self._fd < 0:  # also when every answer would come from a cached table

@@ -366,6 +366,11 @@ class Qcow2Image(Image):
             return (Run(*raw) for raw in self._raw_runs(offset, offset + length))
         return coalesce(self._raw_runs(offset, offset + length))
 
+    def read_runs(self, start: int, end: int) -> Iterator[RawRun]:
+        """Uncoalesced runs for a reader (see :meth:`Image.read_runs`)."""
+        self._check_range(start, end - start)
+        return self._raw_runs(start, end)
+
     def _raw_runs(self, start: int, end: int) -> Iterator[RawRun]:
         span = self._l2_span
         pos = start
