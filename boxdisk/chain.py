@@ -542,7 +542,7 @@ def _byte_view(buf: Any, path: str) -> memoryview:
         view = memoryview(buf)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:  # not a buffer, or a closed mmap
         msg = f"buf must be a writable contiguous buffer, not {type(buf).__name__}"
         raise InvalidArgumentError(msg, path=path, field="buf") from exc
     if not view.c_contiguous:
