@@ -162,9 +162,10 @@ def measure(chain: BackingChain, lib: list[Any] | None, d: Path, top: Path, size
 
     read, read_into = chain.read, chain.read_into
     buf = bytearray(CHUNK)
-    # An application that streams a disk reads into one page-aligned buffer; the
-    # kernel copies out of the page cache about twice as fast into it as into a
-    # malloc'd bytearray (transparent huge pages back it), so both are timed.
+    # An application that streams a disk may read into one page-aligned mmap
+    # buffer: transparent huge pages back it, and the kernel's copy out of the
+    # page cache into a bytearray they do not back was up to twice as slow here.
+    # Whether they back the bytearray varies from run to run, so both are timed.
     mbuf = mmap.mmap(-1, CHUNK)
     seq = range(0, size, CHUNK)
 

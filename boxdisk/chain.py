@@ -11,7 +11,7 @@ cycle, a missing file, a name outside ``allowed_roots`` or a chain longer than
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import Any, Self
 
@@ -562,15 +562,9 @@ def _fill_zeros(buf: memoryview, start: int, end: int) -> None:
     which keeps ``import boxdisk`` as fast as before.
     """
     if end - start >= _MEMSET_MIN:
-        global _memset  # noqa: PLW0603 - bound once, on first use
-        if _memset is None:
-            import ctypes  # noqa: PLC0415 - only readers of long zero stretches pay for it
+        import ctypes  # noqa: PLC0415 - only readers of long zero stretches pay for it
 
-            def memset(target: memoryview, at: int, n: int) -> None:
-                ctypes.memset(ctypes.addressof(ctypes.c_char.from_buffer(target, at)), 0, n)
-
-            _memset = memset
-        _memset(buf, start, end - start)
+        ctypes.memset(ctypes.addressof(ctypes.c_char.from_buffer(buf, start)), 0, end - start)
         return
     while start < end:
         n = min(end - start, len(_ZEROS))
@@ -580,7 +574,6 @@ def _fill_zeros(buf: memoryview, start: int, end: int) -> None:
 
 #: Stretches at least this long are zeroed with ``memset`` (see :func:`_fill_zeros`).
 _MEMSET_MIN = 64 * 1024
-_memset: Callable[[memoryview, int, int], None] | None = None
 
 
 def open_chain(
