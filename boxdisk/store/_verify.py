@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from boxdisk._errors import BoxdiskError, NotFoundError, StoreError
 from boxdisk._locks import image_in_use
@@ -13,6 +13,7 @@ from boxdisk.graph import DependencyGraph
 from boxdisk.ops import check
 from boxdisk.qcow2 import BackingFormat, read_header
 
+from ._core import StoreContext, same_file
 from ._layout import (
     BASE_META,
     BOX_META,
@@ -21,29 +22,20 @@ from ._layout import (
     DISK_NAMES,
     SNAPSHOT_META,
 )
+from ._queries import images, leftovers, list_bases, list_boxes, protected
 from ._values import Problem, VerifyReport
-
-if TYPE_CHECKING:
-    from ._store import BoxStore
 
 __all__ = ["Verifier"]
 
 _WRITE_BITS = 0o222
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 class Verifier:
     """The checks of :meth:`BoxStore.verify`, one method per kind of thing checked."""
 
-    def __init__(self, store: BoxStore) -> None:
-        self.store = store
-        self.lay = store._layout
+    def __init__(self, ctx: StoreContext) -> None:
+        self.ctx = ctx
+        self.lay = ctx.layout
         self.problems: list[Problem] = []
         self.in_flight: list[str] = []
         self.live_opids: set[str] = set()
@@ -57,12 +49,12 @@ class Verifier:
 
     def structure(self) -> None:
         """Everything but the images' contents: run under the store lock (a stable tree)."""
-        store = self.store
-        for name in sorted(store._journal.names()):
-            record = store._journal.load(name)
+        ctx = self.ctx
+        for name in sorted(ctx.journal.names()):
+            record = ctx.journal.load(name)
             if record is None:
                 continue
-            with store._locks.try_hold(record.keys, "verify") as free:
+            with ctx.locks.try_hold(record.keys, "verify") as free:
                 if free:
                     self.add(record.path, "interrupted",
                              f"{record.op} {record.opid} was interrupted; reopening the store "
@@ -70,17 +62,17 @@ class Verifier:
                 else:
                     self.in_flight.append(f"{record.op} {record.opid}")
                     self.live_opids.add(record.opid)
-                    self.live_paths |= store._protected([record])
-        self.images = store._images()
+                    self.live_paths |= protected([record])
+        self.images = images(ctx)
         self.check_graph(DependencyGraph.scan(self.images))
         for path in self.images:
             self.check_chain(path)
-        self.boxes = store.list_boxes()
+        self.boxes = list_boxes(ctx)
         for box_id in self.boxes:
             self.check_box(box_id)
         self.check_bases()
         self.check_clones()
-        for p in store._leftovers(self.live_opids):
+        for p in leftovers(ctx, self.live_opids):
             self.add(p, "leftover", "left behind by an interrupted operation; gc() removes it")
 
     def contents(self) -> None:
@@ -109,7 +101,7 @@ class Verifier:
 
     def check_chain(self, path: str) -> None:
         try:
-            with open_chain(path, allowed_roots=self.store._roots):
+            with open_chain(path, allowed_roots=self.ctx.roots):
                 pass
         except BoxdiskError as exc:
             self.add(path, "chain", f"chain does not open: {exc}")
@@ -132,7 +124,7 @@ class Verifier:
 
     def _meta(self, path: Path, what: str) -> dict[str, Any] | None:
         try:
-            return self.store._read_meta(path, what)
+            return self.ctx.read_meta(path, what)
         except StoreError as exc:
             self.add(path, "metadata", exc.message)
             return None
@@ -180,7 +172,7 @@ class Verifier:
                          f"box.json names {field} {base!r} but the disk is missing")
             return
         try:
-            with open_chain(disk, allowed_roots=self.store._roots) as chain:
+            with open_chain(disk, allowed_roots=self.ctx.roots) as chain:
                 bottom = chain.paths[-1]
         except BoxdiskError:
             return  # reported by check_image
@@ -190,21 +182,21 @@ class Verifier:
             self.add(disk.parent / BOX_META, "metadata", f"{field} is not a name: {base!r}")
             return
         try:
-            expected = self.store._base_image(base)[0]
+            expected = self.ctx.base_image(base)[0]
         except NotFoundError:
             self.add(disk.parent / BOX_META, "metadata", f"{field} {base!r} is not in the store")
             return
-        if not _same_file(Path(bottom), expected):
+        if not same_file(Path(bottom), expected):
             self.add(disk, "descent", f"box.json says {field} {base!r} but the chain ends at "
                                       f"{bottom!r}")
 
     def check_bases(self) -> None:
         lay = self.lay
-        for name in self.store.list_bases():
+        for name in list_bases(self.ctx):
             bdir = lay.base_dir(name)
             meta = self._meta(bdir / BASE_META, "base")
             try:
-                path, fmt = self.store._base_image(name)
+                path, fmt = self.ctx.base_image(name)
             except NotFoundError:
                 self.add(bdir, "missing", "the base has no image")
                 continue

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from boxdisk.qcow2 import rewrite_backing_reference
-from boxdisk.store import BoxStore, _store
+from boxdisk.store import BoxStore, _queries
 from boxdisk.store._journal import CRASH_ENV
 
 from .helpers import SIZE, run_store
@@ -68,14 +68,14 @@ def test_verify_does_not_report_a_temporary_file_published_meanwhile(
     store.create_box("vm", size=SIZE)
     tmp = store.root / ".boxdisk" / "journal" / ".0123456789abcdef.feed.json.0123456789ab.tmp"
     tmp.write_bytes(b"{}")
-    real = _store.temp_held
+    real = _queries.temp_held
 
     def published(path: os.PathLike[str]) -> bool:
         if os.fspath(path) == os.fspath(tmp):
             tmp.unlink()
         return real(path)
 
-    monkeypatch.setattr(_store, "temp_held", published)
+    monkeypatch.setattr(_queries, "temp_held", published)
     assert store.verify().ok
     assert store.gc().leftovers == ()
 

@@ -1,0 +1,142 @@
+"""Clone and export: a new box from a box's current state, a standalone image of a box."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from boxdisk._errors import AlreadyExistsError, NotFoundError
+from boxdisk._locks import ensure_not_in_use
+from boxdisk._log import get_logger
+from boxdisk.chain import open_chain
+from boxdisk.ops import Progress, flatten
+from boxdisk.qcow2 import BackingFormat, clone_disk_pair, create_cow_child_disk
+
+from ._core import StoreContext, box_key, ms
+from ._freeze import (
+    freeze_committed,
+    freeze_forward,
+    freeze_plan,
+    freeze_undo,
+    hidden_with,
+    remove_paths,
+)
+from ._fs import dump_json, fsync_dir, make_read_only, remove_tree, write_new_file
+from ._journal import Record, crashpoint, new_opid
+from ._layout import BOX_META, CLONE_META, CONTAINER_DISK, DISK_NAMES
+from ._queries import host_bytes
+from ._values import Box
+
+__all__ = ["clone_box", "export_box", "recover_clone"]
+
+log = get_logger(__name__)
+
+
+def clone_box(ctx: StoreContext, src_id: str, dst_id: str) -> Box:
+    """A new box ``dst_id`` with the current state of ``src_id`` (arguments already checked)."""
+    start = time.perf_counter()
+    lay = ctx.layout
+    keys = (box_key(src_id), box_key(dst_id))
+    with ctx.operation("clone_box", keys):
+        sdir = ctx.box_dir(src_id)
+        ddir = lay.box_dir(dst_id)
+        if os.path.lexists(ddir):
+            msg = f"box {dst_id!r} already exists"
+            raise AlreadyExistsError(msg, path=ddir, field="box_id", value=dst_id)
+        disks = ctx.disks_in(sdir)
+        for d in disks:
+            ensure_not_in_use(sdir / d, "clone the box (freezing its live disk)")
+        src_meta = ctx.read_meta(sdir / BOX_META, "box")
+        opid = new_opid()
+        cdir = lay.clone_dir(opid)
+        dstage = lay.boxes / f".stage-{opid}"
+        entries = freeze_plan(ctx, sdir, cdir, disks, opid)
+        data = {"src": src_id, "dst": dst_id, "clone": lay.rel(cdir),
+                "dst_stage": lay.rel(dstage), "disks": entries}
+        meta: dict[str, Any] = {"id": dst_id, "created": time.time(),
+                                "base": src_meta.get("base"),
+                                "guest_base": src_meta.get("guest_base"), "clone_of": src_id}
+        with ctx.intent("clone_box", keys, data, opid):
+            crashpoint("clone_box", "recorded")
+            dstage.mkdir()
+            write_new_file(dstage / BOX_META, dump_json(meta))
+            crashpoint("clone_box", "staged")
+            with ctx.locks.structural(f"clone_box {src_id!r} -> {dst_id!r}"):
+                cdir.mkdir()
+                write_new_file(cdir / CLONE_META, dump_json(
+                    {"source": src_id, "dest": dst_id, "created": meta["created"],
+                     "disks": disks}))
+                for d in disks:
+                    os.link(sdir / d, cdir / d)
+                fsync_dir(cdir)
+                fsync_dir(lay.clones)
+                crashpoint("clone_box", "frozen")
+                frozen, frozen_guest = cdir / CONTAINER_DISK, cdir / DISK_NAMES[1]
+                clone_disk_pair(frozen, dstage / CONTAINER_DISK, frozen_guest, dstage,
+                                relative=True)
+                for e in entries:
+                    create_cow_child_disk(cdir / e["disk"], BackingFormat.QCOW2,
+                                          lay.abs(e["child"]), relative=True,
+                                          persistent=True)
+                crashpoint("clone_box", "children")
+                # The first name fix (or swap) is the point of no return.
+                _clone_forward(ctx, data)
+    log.info("box_cloned", src=src_id, dst=dst_id, clone_base=lay.rel(cdir), ms=ms(start))
+    guest = ddir / DISK_NAMES[1] if len(disks) > 1 else None
+    return Box(id=dst_id, dir=ddir, disk=ddir / CONTAINER_DISK, guest_disk=guest,
+               base=meta["base"], guest_base=meta["guest_base"], snapshots=(),
+               size=entries[0]["size"],
+               guest_size=entries[1]["size"] if guest is not None else None,
+               host_bytes=host_bytes(ddir), created=meta["created"], clone_of=src_id)
+
+
+def _clone_forward(ctx: StoreContext, data: dict[str, Any]) -> None:
+    """Finish a clone past its point of no return (idempotent)."""
+    lay = ctx.layout
+    dstage = lay.abs(data["dst_stage"])
+    cdir = lay.abs(data["clone"])
+    freeze_forward(ctx, "clone_box", lay.box_dir(data["src"]), cdir, data["disks"])
+    if dstage.exists():
+        os.rename(dstage, lay.box_dir(data["dst"]))
+        fsync_dir(lay.boxes)
+    crashpoint("clone_box", "published")
+    for e in data["disks"]:
+        make_read_only(cdir / e["disk"])
+    crashpoint("clone_box", "sealed")
+
+
+def recover_clone(ctx: StoreContext, record: Record) -> None:
+    """Finish a clone past its point of no return; otherwise undo it."""
+    data = record.data
+    lay = ctx.layout
+    sdir = lay.box_dir(data["src"])
+    if freeze_committed(sdir, lay.abs(data["clone"]), data["disks"]):
+        _clone_forward(ctx, data)
+        return
+    remove_tree(lay.abs(data["dst_stage"]))
+    remove_paths(hidden_with(sdir, record.opid))
+    freeze_undo(sdir, lay.abs(data["clone"]), data["disks"])
+
+
+def export_box(ctx: StoreContext, box_id: str, dest: Path, *, snapshot: str | None,
+               guest: bool, overwrite: bool, progress: Progress | None) -> Path:
+    """Flatten a box's live disk (or a snapshot's) into one standalone qcow2 at ``dest``."""
+    start = time.perf_counter()
+    disk_name = DISK_NAMES[1] if guest else CONTAINER_DISK
+    with ctx.operation("export_box", (box_key(box_id),)):
+        bdir = ctx.box_dir(box_id)
+        src_dir = bdir if snapshot is None else ctx.snapshot_dir(box_id, snapshot)
+        src = src_dir / disk_name
+        if not src.is_file():
+            msg = f"box {box_id!r} has no {disk_name}"
+            raise NotFoundError(msg, path=src, field="disk", value=disk_name)
+        if snapshot is None:
+            ensure_not_in_use(src, "export the live disk")
+        chain = open_chain(src, allowed_roots=ctx.roots)
+    with chain:
+        written = flatten(chain, dest, overwrite=overwrite, progress=progress)
+    log.info("box_exported", box=box_id, snapshot=snapshot, dest=os.fspath(dest),
+             data_bytes=written, ms=ms(start))
+    return Path(dest)
