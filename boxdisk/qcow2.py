@@ -17,6 +17,8 @@ import stat
 import time
 from pathlib import Path
 
+import attrs
+
 from ._args import as_path, as_size
 from ._disk import Disk, ephemeral_owner
 from ._errors import (
@@ -49,10 +51,13 @@ __all__ = [
     "BackingFormat",
     "Disk",
     "DiskFormat",
+    "ImagePlan",
     "clone_disk_pair",
     "create_cow_child_disk",
     "create_disk",
     "is_backing_dependency",
+    "plan_child_disk",
+    "plan_disk",
     "qcow2_virtual_size",
     "read_backing_chain",
     "read_backing_file_path",
@@ -349,6 +354,52 @@ def _backing_name(base_real: str, child: Path, relative: bool) -> str:
     return os.path.relpath(base_real, child_dir)
 
 
+@attrs.define(frozen=True)
+class ImagePlan:
+    """The bytes of a new, empty image, not yet written: for a writer of its own (the store).
+
+    ``writes`` are (offset, bytes) pairs; the file is ``file_size`` bytes long
+    (the rest is holes); ``size`` is the virtual size.
+    """
+
+    size: int
+    writes: tuple[tuple[int, bytes], ...]
+    file_size: int
+
+
+def plan_disk(size: int = DEFAULT_DISK_SIZE, *,
+              cluster_size: int = DEFAULT_CLUSTER_SIZE) -> ImagePlan:
+    """What :func:`create_disk` would write for ``size``, without writing it."""
+    size = _round_size(size)
+    layout = plan_new_image(size, cluster_bits=_cluster_bits(cluster_size))
+    return ImagePlan(size, layout.writes, layout.file_size)
+
+
+def plan_child_disk(base_disk: str | os.PathLike[str], backing_format: BackingFormat | str,
+                    child_path: str | os.PathLike[str], virtual_size: int | None = None, *,
+                    relative: bool = False, cluster_size: int = DEFAULT_CLUSTER_SIZE,
+                    backing_name: str | None = None) -> ImagePlan:
+    """What :func:`create_cow_child_disk` would write at ``child_path``, without writing it.
+
+    The base is checked as there (a regular file; a qcow2 base must be one);
+    nothing is created. ``backing_name`` is written instead of the name of
+    ``base_disk`` (for a caller about to rename the base to that name).
+    """
+    fmt = BackingFormat.parse(backing_format)
+    base = Path(as_path(base_disk, "base_disk"))
+    child = Path(as_path(child_path, "child_path"))
+    if virtual_size is not None:
+        as_size(virtual_size, "virtual_size")
+    base_real = os.path.realpath(base)
+    base_size = _base_size(base, base_real, fmt)
+    size = _round_size(base_size if virtual_size is None else virtual_size, "virtual_size")
+    if backing_name is None:
+        backing_name = _backing_name(base_real, child, relative)
+    layout = plan_new_image(size, cluster_bits=_cluster_bits(cluster_size),
+                            backing_file=backing_name, backing_format=fmt.as_str())
+    return ImagePlan(size, layout.writes, layout.file_size)
+
+
 def create_cow_child_disk(
     base_disk: str | os.PathLike[str],
     backing_format: BackingFormat | str,
@@ -449,6 +500,7 @@ def rewrite_backing_reference(
     backing_format: str | None,
     *,
     header: Qcow2Header | None = None,
+    sync: bool = True,
 ) -> None:
     """Rewrite the header's backing name and backing-format extension in place, then fsync.
 
@@ -457,6 +509,8 @@ def rewrite_backing_reference(
     unknown autoclear feature bits are cleared, as the spec asks of a writer
     that does not know them (:meth:`Qcow2Header.without_unknown_autoclear`).
     The header stays inside the first cluster, written with one ``pwrite``.
+    ``sync=False`` leaves the fsync to a caller that makes many files durable
+    at once (the store's barrier).
     """
     if header is None:
         header = read_header(path)
@@ -473,7 +527,8 @@ def rewrite_backing_reference(
         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         try:
             pwrite_all(fd, data, 0)
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
     except OSError as exc:

@@ -8,11 +8,13 @@ because the store's removal guard stands on it.
 
 from boxdisk.graph import DependencyGraph, GraphNode
 
+from ._boxes import BoxSpec
 from ._store import BoxStore
 from ._values import Box, GcReport, Problem, Snapshot, VerifyReport
 
 __all__ = [
     "Box",
+    "BoxSpec",
     "BoxStore",
     "DependencyGraph",
     "GcReport",

@@ -1,8 +1,11 @@
-"""Making boxes and bases: ``add_base``, ``create_box``, ``import_box``, and their recovery.
+"""Making boxes and bases: ``add_base``, ``create_box``, ``create_boxes``, ``import_box``.
 
-Each is staged in a hidden directory named after the operation and published
-by one rename; a crash before the rename leaves only the stage, which
-recovery removes.
+Each box (or base) is staged in a hidden directory named after the operation,
+made durable by one barrier, and published by one rename, whose directory is
+then fsynced: two durable calls (``docs/store.md`` lists the steps). A crash
+before the rename leaves only the stage, which recovery removes; a batch is
+published by one rename per box under the store lock, and recovery finishes
+the renames of a batch that had begun them.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import os
 import time
 from pathlib import Path
 from typing import Any
+
+import attrs
 
 from boxdisk._errors import (
     AlreadyExistsError,
@@ -22,28 +27,42 @@ from boxdisk.ops import check, flatten
 from boxdisk.qcow2 import (
     DEFAULT_DISK_SIZE,
     BackingFormat,
-    create_cow_child_disk,
-    create_disk,
+    ImagePlan,
+    plan_child_disk,
+    plan_disk,
     read_header,
 )
 
 from ._core import StoreContext, base_key, box_key, ms
-from ._fs import copy_sparse, dump_json, fsync_dir, make_read_only, remove_tree, write_new_file
+from ._fs import copy_sparse, dump_json, fsync_dir, make_read_only, remove_tree, write_file
 from ._journal import Record, crashpoint, new_opid
 from ._layout import BASE_META, BOX_META, CONTAINER_DISK, DISK_NAMES
 from ._queries import box_value, host_bytes
 from ._values import Box
 
 __all__ = [
+    "BoxSpec",
     "add_base",
     "check_standalone",
     "create_box",
+    "create_boxes",
     "import_box",
     "recover_add_base",
+    "recover_create_boxes",
     "recover_staged_box",
 ]
 
 log = get_logger(__name__)
+
+
+@attrs.define(frozen=True)
+class BoxSpec:
+    """One box of :meth:`BoxStore.create_boxes`: its id, and what ``create_box`` would take."""
+
+    id: str
+    base: str | None = None
+    size: int | None = None
+    guest_base: str | None = None
 
 
 def check_standalone(path: Path, *, source: Path) -> int:
@@ -61,6 +80,9 @@ def check_standalone(path: Path, *, source: Path) -> int:
         raise CorruptImageError(msg, path=source, field="check",
                                 value=(report.corruptions, report.check_errors))
     return header.size
+
+
+# -- bases -----------------------------------------------------------------------------------
 
 
 def add_base(ctx: StoreContext, src: Path, name: str, fmt: BackingFormat, *,
@@ -88,13 +110,14 @@ def add_base(ctx: StoreContext, src: Path, name: str, fmt: BackingFormat, *,
             size = target.stat().st_size
             if fmt is BackingFormat.QCOW2:
                 size = check_standalone(target, source=src)
-            write_new_file(stage / BASE_META, dump_json({
+            write_file(stage / BASE_META, dump_json({
                 "name": name, "format": fmt.value, "created": time.time(),
                 "source": os.fspath(src), "size": size, "linked": link}))
             if not link:
                 make_read_only(target)
-            fsync_dir(stage)
             crashpoint("add_base", "staged")
+            ctx.barrier((target, stage / BASE_META, stage))
+            crashpoint("add_base", "synced")
             os.rename(stage, final)
             fsync_dir(lay.bases)
             crashpoint("add_base", "committed")
@@ -107,46 +130,90 @@ def recover_add_base(ctx: StoreContext, record: Record) -> None:
     remove_tree(ctx.layout.abs(record.data["stage"]))
 
 
+# -- boxes -----------------------------------------------------------------------------------
+
+
+class _Planner:
+    """The images of new boxes, planned once per (base, size): every child of one base
+    over the same relative name is byte for byte the same."""
+
+    def __init__(self, ctx: StoreContext) -> None:
+        self._ctx = ctx
+        self._plans: dict[tuple[str | None, int | None, str], ImagePlan] = {}
+
+    def plan(self, base: str | None, size: int | None, disk: str, stage: Path) -> ImagePlan:
+        key = (base, size, disk)
+        plan = self._plans.get(key)
+        if plan is None:
+            if base is None:
+                plan = plan_disk(DEFAULT_DISK_SIZE if size is None else size)
+            else:
+                path, fmt = self._ctx.base_image(base)
+                plan = plan_child_disk(path, fmt, stage / disk, size, relative=True)
+            self._plans[key] = plan
+        return plan
+
+
+def _stage_box(planner: _Planner, stage: Path, spec: BoxSpec,
+               meta: dict[str, Any]) -> tuple[list[Path], int, int | None]:
+    """Write a box into ``stage``; the paths a barrier must cover, and the disks' sizes."""
+    stage.mkdir()
+    (stage / "snapshots").mkdir()
+    write_file(stage / BOX_META, dump_json(meta))
+    plan = planner.plan(spec.base, spec.size, CONTAINER_DISK, stage)
+    write_file(stage / CONTAINER_DISK, plan.writes, plan.file_size)
+    paths = [stage / BOX_META, stage / CONTAINER_DISK, stage]
+    guest_size = None
+    if spec.guest_base is not None:
+        guest = planner.plan(spec.guest_base, None, DISK_NAMES[1], stage)
+        write_file(stage / DISK_NAMES[1], guest.writes, guest.file_size)
+        paths.insert(2, stage / DISK_NAMES[1])
+        guest_size = guest.size
+    return paths, plan.size, guest_size
+
+
+def _meta(spec: BoxSpec) -> dict[str, Any]:
+    return {"id": spec.id, "created": time.time(), "base": spec.base,
+            "guest_base": spec.guest_base, "clone_of": None}
+
+
+def _box(final: Path, spec: BoxSpec, meta: dict[str, Any], size: int,
+         guest_size: int | None) -> Box:
+    guest = final / DISK_NAMES[1] if guest_size is not None else None
+    return Box(id=spec.id, dir=final, disk=final / CONTAINER_DISK, guest_disk=guest,
+               base=spec.base, guest_base=spec.guest_base, snapshots=(), size=size,
+               guest_size=guest_size, host_bytes=host_bytes(final), created=meta["created"])
+
+
 def create_box(ctx: StoreContext, box_id: str, *, base: str | None, size: int | None,
                guest_base: str | None) -> Box:
     """Create one box (arguments already checked)."""
     start = time.perf_counter()
     key = box_key(box_id)
     lay = ctx.layout
+    spec = BoxSpec(box_id, base, size, guest_base)
     with ctx.operation("create_box", (key,)):
         final = lay.box_dir(box_id)
         if os.path.lexists(final):
             msg = f"box {box_id!r} already exists"
             raise AlreadyExistsError(msg, path=final, field="box_id", value=box_id)
-        base_img = None if base is None else ctx.base_image(base)
-        guest_img = None if guest_base is None else ctx.base_image(guest_base)
+        planner = _Planner(ctx)
+        for b in (base, guest_base):
+            if b is not None:
+                ctx.base_image(b)
         opid = new_opid()
         stage = lay.boxes / f".stage-{opid}"
-        meta: dict[str, Any] = {"id": box_id, "created": time.time(), "base": base,
-                                "guest_base": guest_base, "clone_of": None}
+        meta = _meta(spec)
         with ctx.intent("create_box", (key,), {"box": box_id, "stage": lay.rel(stage)}, opid):
             crashpoint("create_box", "recorded")
-            stage.mkdir()
-            write_new_file(stage / BOX_META, dump_json(meta))
-            if base_img is None:
-                create_disk(stage / CONTAINER_DISK, persistent=True,
-                            size=DEFAULT_DISK_SIZE if size is None else size)
-            else:
-                create_cow_child_disk(base_img[0], base_img[1], stage / CONTAINER_DISK, size,
-                                      relative=True, persistent=True)
-            if guest_img is not None:
-                create_cow_child_disk(guest_img[0], guest_img[1], stage / DISK_NAMES[1],
-                                      relative=True, persistent=True)
+            paths, disk_size, guest_size = _stage_box(planner, stage, spec, meta)
             crashpoint("create_box", "staged")
+            ctx.barrier(paths)  # durable call 1
+            crashpoint("create_box", "synced")
             os.rename(stage, final)
-            fsync_dir(lay.boxes)
+            fsync_dir(lay.boxes)  # durable call 2
             crashpoint("create_box", "committed")
-    guest = final / DISK_NAMES[1] if guest_img is not None else None
-    box = Box(id=box_id, dir=final, disk=final / CONTAINER_DISK, guest_disk=guest,
-              base=base, guest_base=guest_base, snapshots=(),
-              size=read_header(final / CONTAINER_DISK).size,
-              guest_size=None if guest is None else read_header(guest).size,
-              host_bytes=host_bytes(final), created=meta["created"])
+    box = _box(final, spec, meta, disk_size, guest_size)
     log.info("box_created", box=box_id, base=base, guest_base=guest_base, ms=ms(start))
     return box
 
@@ -154,6 +221,77 @@ def create_box(ctx: StoreContext, box_id: str, *, base: str | None, size: int | 
 def recover_staged_box(ctx: StoreContext, record: Record) -> None:
     """The rename of the staging directory is the commit: a leftover stage was never one."""
     remove_tree(ctx.layout.abs(record.data["stage"]))
+
+
+def create_boxes(ctx: StoreContext, specs: list[BoxSpec]) -> list[Box]:
+    """Create every box of ``specs`` (checked by the caller) in one all-or-nothing operation.
+
+    Existence is checked again once the batch has claimed the boxes
+    (:meth:`StoreContext.settle`).
+    """
+    start = time.perf_counter()
+    lay = ctx.layout
+    opid = new_opid()
+    batch = f"batch:{opid}"
+    keys = tuple(box_key(s.id) for s in specs)
+    with ctx.operation("create_boxes", (batch,)):
+        planner = _Planner(ctx)
+        entries = [{"box": s.id, "stage": lay.rel(lay.boxes / f".stage-{opid}-{i}")}
+                   for i, s in enumerate(specs)]
+        with ctx.intent("create_boxes", (batch,), {"boxes": entries}, opid,
+                        claims=keys) as record:
+            crashpoint("create_boxes", "recorded")
+            ctx.settle("create_boxes", keys, record)
+            taken = [s.id for s in specs if os.path.lexists(lay.box_dir(s.id))]
+            if taken:
+                msg = f"{len(taken)} of the boxes already exist: {', '.join(map(repr, taken))}"
+                raise AlreadyExistsError(msg, path=lay.boxes, field="box_id",
+                                         value=tuple(taken))
+            paths: list[Path] = []
+            made = []
+            for spec, e in zip(specs, entries, strict=True):
+                meta = _meta(spec)
+                staged, size, guest_size = _stage_box(planner, lay.abs(e["stage"]), spec, meta)
+                paths += staged
+                made.append((spec, meta, size, guest_size))
+            crashpoint("create_boxes", "staged")
+            ctx.barrier(paths)  # durable call 1, whatever the number of boxes
+            crashpoint("create_boxes", "synced")
+            with ctx.locks.structural(f"create_boxes ({len(specs)} boxes)"):
+                for i, e in enumerate(entries):
+                    os.rename(lay.abs(e["stage"]), lay.box_dir(e["box"]))
+                    if i == 0:
+                        crashpoint("create_boxes", "renamed:first")
+            fsync_dir(lay.boxes)  # durable call 2
+            crashpoint("create_boxes", "committed")
+    boxes = [_box(lay.box_dir(spec.id), spec, meta, size, guest_size)
+             for spec, meta, size, guest_size in made]
+    log.info("boxes_created", boxes=len(boxes), ms=ms(start))
+    return boxes
+
+
+def recover_create_boxes(ctx: StoreContext, record: Record) -> None:
+    """All or nothing: a batch that renamed any box into place renames the rest, else none.
+
+    Every stage was complete and durable before the first rename, and no one
+    else makes a box the batch claims, so a claimed box that exists is the
+    batch's.
+    """
+    lay = ctx.layout
+    entries = record.data["boxes"]
+    started = any(os.path.lexists(lay.box_dir(e["box"])) for e in entries)
+    if started:
+        for e in entries:
+            stage = lay.abs(e["stage"])
+            if os.path.lexists(stage):
+                os.rename(stage, lay.box_dir(e["box"]))
+        fsync_dir(lay.boxes)
+        return
+    for e in entries:
+        remove_tree(lay.abs(e["stage"]))
+
+
+# -- import ----------------------------------------------------------------------------------
 
 
 def import_box(ctx: StoreContext, box_id: str, src: Path, fmt: str) -> Box:
@@ -173,13 +311,14 @@ def import_box(ctx: StoreContext, box_id: str, src: Path, fmt: str) -> Box:
         with ctx.intent("import_box", (key,), {"box": box_id, "stage": lay.rel(stage)}, opid):
             crashpoint("import_box", "recorded")
             stage.mkdir()
-            write_new_file(stage / BOX_META, dump_json(meta))
+            (stage / "snapshots").mkdir()
+            write_file(stage / BOX_META, dump_json(meta))
             flatten(src, stage / CONTAINER_DISK, src_format=fmt)
-            fsync_dir(stage)
             crashpoint("import_box", "staged")
+            ctx.barrier((stage / BOX_META, stage / CONTAINER_DISK, stage))
+            crashpoint("import_box", "synced")
             os.rename(stage, final)
             fsync_dir(lay.boxes)
             crashpoint("import_box", "committed")
     log.info("box_imported", box=box_id, image=os.fspath(src), ms=ms(start))
     return box_value(ctx, box_id, final, meta)
-

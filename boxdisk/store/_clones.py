@@ -12,18 +12,18 @@ from boxdisk._locks import ensure_not_in_use
 from boxdisk._log import get_logger
 from boxdisk.chain import open_chain
 from boxdisk.ops import Progress, flatten
-from boxdisk.qcow2 import BackingFormat, clone_disk_pair, create_cow_child_disk
 
 from ._core import StoreContext, box_key, ms
 from ._freeze import (
-    freeze_committed,
+    freeze_begun,
     freeze_forward,
     freeze_plan,
     freeze_undo,
     hidden_with,
     remove_paths,
+    write_child,
 )
-from ._fs import dump_json, fsync_dir, make_read_only, remove_tree, write_new_file
+from ._fs import dump_json, make_read_only, remove_tree, write_file
 from ._journal import Record, crashpoint, new_opid
 from ._layout import BOX_META, CLONE_META, CONTAINER_DISK, DISK_NAMES
 from ._queries import host_bytes
@@ -58,31 +58,33 @@ def clone_box(ctx: StoreContext, src_id: str, dst_id: str) -> Box:
         meta: dict[str, Any] = {"id": dst_id, "created": time.time(),
                                 "base": src_meta.get("base"),
                                 "guest_base": src_meta.get("guest_base"), "clone_of": src_id}
-        with ctx.intent("clone_box", keys, data, opid):
+        with ctx.intent("clone_box", keys, data, opid) as record:
             crashpoint("clone_box", "recorded")
             dstage.mkdir()
-            write_new_file(dstage / BOX_META, dump_json(meta))
-            crashpoint("clone_box", "staged")
+            (dstage / "snapshots").mkdir()
+            write_file(dstage / BOX_META, dump_json(meta))
             with ctx.locks.structural(f"clone_box {src_id!r} -> {dst_id!r}"):
+                # Visible at once (gc and verify see it; the record protects it).
                 cdir.mkdir()
-                write_new_file(cdir / CLONE_META, dump_json(
+                write_file(cdir / CLONE_META, dump_json(
                     {"source": src_id, "dest": dst_id, "created": meta["created"],
                      "disks": disks}))
                 for d in disks:
                     os.link(sdir / d, cdir / d)
-                fsync_dir(cdir)
-                fsync_dir(lay.clones)
-                crashpoint("clone_box", "frozen")
-                frozen, frozen_guest = cdir / CONTAINER_DISK, cdir / DISK_NAMES[1]
-                clone_disk_pair(frozen, dstage / CONTAINER_DISK, frozen_guest, dstage,
-                                relative=True)
-                for e in entries:
-                    create_cow_child_disk(cdir / e["disk"], BackingFormat.QCOW2,
-                                          lay.abs(e["child"]), relative=True,
-                                          persistent=True)
-                crashpoint("clone_box", "children")
-                # The first name fix (or swap) is the point of no return.
-                _clone_forward(ctx, data)
+            crashpoint("clone_box", "frozen")
+            paths: list[Path] = [*ctx.journal.durable_paths(record)]
+            for e in entries:
+                write_child(cdir / e["disk"], dstage / e["disk"])
+                write_child(cdir / e["disk"], lay.abs(e["child"]))
+                paths += [cdir / e["disk"], dstage / e["disk"], lay.abs(e["child"])]
+            paths += [cdir / CLONE_META, cdir, lay.clones, dstage / BOX_META, dstage, sdir]
+            crashpoint("clone_box", "children")
+            ctx.barrier(paths)  # durable call 1
+            crashpoint("clone_box", "synced")
+            with ctx.locks.structural(f"clone_box {src_id!r} -> {dst_id!r}"):
+                sealed = _clone_forward(ctx, data)
+            ctx.barrier(sealed)  # durable call 2
+            crashpoint("clone_box", "committed")
     log.info("box_cloned", src=src_id, dst=dst_id, clone_base=lay.rel(cdir), ms=ms(start))
     guest = ddir / DISK_NAMES[1] if len(disks) > 1 else None
     return Box(id=dst_id, dir=ddir, disk=ddir / CONTAINER_DISK, guest_disk=guest,
@@ -92,19 +94,21 @@ def clone_box(ctx: StoreContext, src_id: str, dst_id: str) -> Box:
                host_bytes=host_bytes(ddir), created=meta["created"], clone_of=src_id)
 
 
-def _clone_forward(ctx: StoreContext, data: dict[str, Any]) -> None:
-    """Finish a clone past its point of no return (idempotent)."""
+def _clone_forward(ctx: StoreContext, data: dict[str, Any]) -> list[Path]:
+    """Finish a clone past its point of no return (idempotent); what to make durable."""
     lay = ctx.layout
     dstage = lay.abs(data["dst_stage"])
     cdir = lay.abs(data["clone"])
-    freeze_forward(ctx, "clone_box", lay.box_dir(data["src"]), cdir, data["disks"])
+    sdir = lay.box_dir(data["src"])
+    freeze_forward(ctx, "clone_box", sdir, cdir, data["disks"])
     if dstage.exists():
         os.rename(dstage, lay.box_dir(data["dst"]))
-        fsync_dir(lay.boxes)
     crashpoint("clone_box", "published")
     for e in data["disks"]:
         make_read_only(cdir / e["disk"])
     crashpoint("clone_box", "sealed")
+    fixed = [cdir / e["disk"] for e in data["disks"] if e["new"] != e["old"]]
+    return [*fixed, sdir, lay.boxes]
 
 
 def recover_clone(ctx: StoreContext, record: Record) -> None:
@@ -112,12 +116,15 @@ def recover_clone(ctx: StoreContext, record: Record) -> None:
     data = record.data
     lay = ctx.layout
     sdir = lay.box_dir(data["src"])
-    if freeze_committed(sdir, lay.abs(data["clone"]), data["disks"]):
-        _clone_forward(ctx, data)
+    cdir = lay.abs(data["clone"])
+    published = (os.path.lexists(lay.box_dir(data["dst"]))
+                 and not os.path.lexists(lay.abs(data["dst_stage"])))
+    if published or freeze_begun(sdir, (cdir,), data["disks"]):
+        ctx.barrier(_clone_forward(ctx, data))
         return
     remove_tree(lay.abs(data["dst_stage"]))
     remove_paths(hidden_with(sdir, record.opid))
-    freeze_undo(sdir, lay.abs(data["clone"]), data["disks"])
+    freeze_undo(sdir, cdir, data["disks"])
 
 
 def export_box(ctx: StoreContext, box_id: str, dest: Path, *, snapshot: str | None,

@@ -28,7 +28,7 @@ from boxdisk._errors import (
 from boxdisk._log import get_logger
 from boxdisk.qcow2 import BackingFormat
 
-from ._fs import read_json
+from ._fs import Durability, read_json
 from ._journal import Journal, Record
 from ._layout import CONTAINER_DISK, DISK_NAMES, Layout
 from ._locks import StoreLocks
@@ -112,10 +112,12 @@ class Recoverer(Protocol):
 class StoreContext:
     """One open store: its layout, locks and journal, and the lookups operations share."""
 
-    def __init__(self, layout: Layout, locks: StoreLocks, journal: Journal) -> None:
+    def __init__(self, layout: Layout, locks: StoreLocks, journal: Journal,
+                 durability: Durability) -> None:
         self.layout = layout
         self.locks = locks
         self.journal = journal
+        self.durability = durability
         #: Every chain the store opens is confined to its root.
         self.roots = (str(layout.root),)
         self.closed = False
@@ -133,17 +135,26 @@ class StoreContext:
         assert self.recovery is not None, "the façade installs recovery before any operation"
         return self.recovery
 
+    def barrier(self, paths: Iterable[str | os.PathLike[str]]) -> None:
+        """Make the listed files and directories durable at once (one durable call or a few)."""
+        self.durability.barrier(paths)
+
     # -- locks and intents -------------------------------------------------------------
 
     @contextlib.contextmanager
-    def operation(self, op: str, keys: Iterable[str]) -> Iterator[None]:
-        """Hold the locks of ``keys`` for an operation, first recovering what crashed there."""
+    def operation(self, op: str, keys: Iterable[str], *,
+                  own: str | None = None) -> Iterator[None]:
+        """Hold the locks of ``keys`` for an operation, first recovering what crashed there.
+
+        ``own`` names a record of the caller's (a batch settling its claims),
+        which is neither waited for nor recovered.
+        """
         self.check_open()
         wanted = set(keys)
         what = f"{op} ({', '.join(sorted(wanted))})"
         for _ in range(16):
             with self.locks.hold(wanted, what):
-                names = self.journal.touching(tuple(wanted))
+                names = [n for n in self.journal.touching(tuple(wanted), skip=own) if n != own]
                 records = [r for r in map(self.journal.load, names) if r is not None]
                 need = wanted.union(*(r.keys for r in records))
                 if need == wanted:
@@ -157,11 +168,23 @@ class StoreContext:
         msg = f"could not settle the locks for {op}: interrupted operations keep appearing"
         raise StoreError(msg, path=self.layout.root, field="journal")
 
+    def settle(self, op: str, keys: Iterable[str], record: Record) -> None:
+        """Make the keys a batch claims (``record``) its own.
+
+        Each key is taken once, in sorted order, after the record is
+        published: an operation that held it before the record appeared is
+        waited for (and one that crashed holding it is recovered); one that
+        takes it after finds the record and waits for the batch's lock.
+        """
+        for key in sorted(set(keys)):
+            with self.operation(op, (key,), own=record.path.name):
+                pass
+
     @contextlib.contextmanager
     def intent(self, op: str, keys: tuple[str, ...], data: dict[str, Any],
-               opid: str) -> Iterator[Record]:
+               opid: str, *, claims: tuple[str, ...] = ()) -> Iterator[Record]:
         """Journal ``op`` for the block; on an exception, undo (or finish) it before raising."""
-        record = self.journal.begin(op, keys, data, opid=opid)
+        record = self.journal.begin(op, keys, data, opid=opid, claims=claims)
         try:
             yield record
         except LockTimeoutError:

@@ -1,10 +1,15 @@
 """Freezing a box's live disks: what snapshot and clone_box share.
 
-Each live file gets a second name in the frozen directory (a hard link), an
-empty child is made over it, then the frozen file's backing name is fixed for
-its new directory and the child is renamed over the live name. The first name
-fix or swap is the point of no return; recovery tells from the files which
-side of it an interrupted operation stopped on.
+Each live file gets a second name in the frozen directory (a hard link) and
+an empty child over that name is written beside the live one; one barrier
+makes all of it durable. Then, past the point of no return, the frozen file's
+backing name is fixed for its new directory and the child is renamed over the
+live name, and a second barrier makes that durable.
+
+Recovery tells from the files which side of the point of no return an
+interrupted freeze stopped on: a frozen file whose backing name was fixed, or
+a live name that no longer holds the inode it held when the operation began
+(the journal records it), means the freeze had begun and is finished.
 """
 
 from __future__ import annotations
@@ -13,19 +18,22 @@ import os
 from pathlib import Path
 from typing import Any
 
-from boxdisk.qcow2 import (
-    BackingFormat,
-    create_cow_child_disk,
-    read_header,
-    rewrite_backing_reference,
-)
+from boxdisk.qcow2 import BackingFormat, plan_child_disk, read_header, rewrite_backing_reference
 
-from ._core import StoreContext, same_file
-from ._fs import fsync_dir, remove_tree
+from ._core import StoreContext
+from ._fs import link_new_file, remove_tree
 from ._journal import crashpoint
 
-__all__ = ["freeze_committed", "freeze_forward", "freeze_plan", "freeze_undo", "hidden_with",
-           "moved_name", "remove_paths"]
+__all__ = [
+    "freeze_begun",
+    "freeze_forward",
+    "freeze_plan",
+    "freeze_undo",
+    "hidden_with",
+    "moved_name",
+    "remove_paths",
+    "write_child",
+]
 
 
 def moved_name(old: str | None, from_dir: Path, to_dir: Path) -> str | None:
@@ -36,23 +44,30 @@ def moved_name(old: str | None, from_dir: Path, to_dir: Path) -> str | None:
     return os.path.relpath(target, to_dir)
 
 
-def fix_backing_name(image: Path, old: str | None, new: str | None) -> None:
-    """Rewrite a moved image's backing name from ``old`` to ``new`` (idempotent).
+def _inode(path: Path) -> list[int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return [st.st_dev, st.st_ino]
 
-    A relative name resolves against the image's directory, so an image
-    renamed into another directory needs the name that reaches the same file
-    from there. The header is rewritten in place (one write, fsynced).
+
+def write_child(over: Path, child: Path, *, name: str | None = None) -> None:
+    """Write an empty qcow2 child of ``over`` at ``child`` (complete or absent; not synced).
+
+    ``name`` is the backing name to write when ``over`` is about to be renamed.
     """
-    if new == old:
-        return
-    header = read_header(image)
-    if header.backing_file == old:
-        rewrite_backing_reference(image, new, header.backing_format, header=header)
+    plan = plan_child_disk(over, BackingFormat.QCOW2, child, relative=True, backing_name=name)
+    link_new_file(child, plan.writes, plan.file_size)
 
 
 def freeze_plan(ctx: StoreContext, live_dir: Path, frozen_dir: Path, disks: list[str],
                 opid: str) -> list[dict[str, Any]]:
-    """Journal entries for freezing ``disks`` of ``live_dir`` into ``frozen_dir``."""
+    """Journal entries for freezing ``disks`` of ``live_dir`` into ``frozen_dir``.
+
+    Each holds the disk, its backing name now and in the frozen directory,
+    the child's staging name, the virtual size, and the live file's inode.
+    """
     lay = ctx.layout
     entries: list[dict[str, Any]] = []
     for d in disks:
@@ -61,53 +76,54 @@ def freeze_plan(ctx: StoreContext, live_dir: Path, frozen_dir: Path, disks: list
             "disk": d, "old": header.backing_file,
             "new": moved_name(header.backing_file, live_dir, frozen_dir),
             "child": lay.rel(live_dir / f".{d}.{opid}.new"), "size": header.size,
+            "inode": _inode(live_dir / d),
         })
     return entries
 
 
+def freeze_begun(live_dir: Path, frozen_dirs: tuple[Path, ...],
+                 entries: list[dict[str, Any]]) -> bool:
+    """Whether a freeze passed its point of no return: a name fixed or a live disk swapped."""
+    for e in entries:
+        if _inode(live_dir / e["disk"]) != e["inode"]:
+            return True
+        if e["new"] == e["old"]:
+            continue
+        for d in frozen_dirs:
+            frozen = d / e["disk"]
+            if frozen.exists() and read_header(frozen).backing_file == e["new"]:
+                return True
+    return False
+
+
 def freeze_forward(ctx: StoreContext, op: str, live_dir: Path, frozen_dir: Path,
                    entries: list[dict[str, Any]]) -> None:
-    """Fix the frozen files' backing names, then swap the children in (idempotent)."""
+    """Fix the frozen files' backing names, then swap the children in (idempotent, unsynced)."""
     lay = ctx.layout
     for e in entries:
-        fix_backing_name(frozen_dir / e["disk"], e["old"], e["new"])
+        frozen = frozen_dir / e["disk"]
+        if e["new"] != e["old"]:
+            header = read_header(frozen)
+            if header.backing_file == e["old"]:
+                rewrite_backing_reference(frozen, e["new"], header.backing_format,
+                                          header=header, sync=False)
         crashpoint(op, f"renamed:{e['disk']}")
     for e in entries:
         child = lay.abs(e["child"])
-        live = live_dir / e["disk"]
         if child.exists():
-            os.rename(child, live)
-        elif same_file(live, frozen := frozen_dir / e["disk"]):
-            # Defensive: the child is created before the commit, so it exists.
-            create_cow_child_disk(frozen, BackingFormat.QCOW2, child, relative=True,
-                                  persistent=True)
-            os.rename(child, live)
+            os.rename(child, live_dir / e["disk"])
         crashpoint(op, f"swapped:{e['disk']}")
-    fsync_dir(live_dir)
-
-
-def freeze_committed(live_dir: Path, frozen_dir: Path, entries: list[dict[str, Any]]) -> bool:
-    """Whether freezing passed its point of no return: a name fixed or a disk swapped."""
-    for e in entries:
-        frozen = frozen_dir / e["disk"]
-        if not frozen.exists():
-            continue
-        if e["new"] != e["old"] and read_header(frozen).backing_file == e["new"]:
-            return True
-        if not same_file(frozen, live_dir / e["disk"]):
-            return True
-    return False
 
 
 def freeze_undo(live_dir: Path, frozen_dir: Path, entries: list[dict[str, Any]]) -> None:
     """Roll back a freeze short of its point of no return: remove the frozen directory.
 
-    Its files are then extra links of the live disks (:func:`freeze_committed`
+    Its files are then extra links of the live disks (:func:`freeze_begun`
     said so), so dropping them loses nothing.
     """
     for e in entries:
         frozen = frozen_dir / e["disk"]
-        if os.path.lexists(frozen) and same_file(frozen, live_dir / e["disk"]):
+        if os.path.lexists(frozen) and _inode(frozen) == _inode(live_dir / e["disk"]):
             os.unlink(frozen)
     remove_tree(frozen_dir)
 

@@ -1,4 +1,17 @@
-"""Small durable filesystem steps the store is built from."""
+"""The store's own file writes, and the one seam every durable system call goes through.
+
+Everything the store makes durable (fsync, syncfs) is done here, by
+:func:`durable`, which also tells the :data:`observers` (the test that holds
+each operation to its documented count of durable calls). The store writes its
+small files (metadata, journal records) and its new images' bytes through the
+writers below, none of which syncs: an operation writes everything a step
+needs, then makes it durable at once with one :meth:`Durability.barrier`.
+
+Barriers: a barrier over one file or directory is one ``fsync``; over more,
+one ``syncfs(2)`` of the store's file system when the store may use it
+(``sync="auto"`` on Linux >= 5.8, whose syncfs reports write-back errors),
+else an ``fsync`` of each.
+"""
 
 from __future__ import annotations
 
@@ -8,30 +21,48 @@ import json
 import os
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from boxdisk._errors import StoreError
-from boxdisk._io import pwrite_all
+from boxdisk._errors import InvalidArgumentError, StoreError
 from boxdisk._locks import create_temp
 
 __all__ = [
+    "SYNC_MODES",
+    "Durability",
     "copy_sparse",
     "dump_json",
+    "durable",
     "fsync_dir",
+    "fsync_path",
+    "link_new_file",
     "make_read_only",
     "make_writable",
-    "publish_new_file",
+    "observers",
     "read_json",
     "remove_tree",
-    "write_json",
+    "write_file",
     "write_new_file",
 ]
 
-
 #: Metadata files are small; a larger one is damage, not data.
 _MAX_JSON = 1 << 20
+
+#: Functions told of every durable call: ``fn(call, path)``, call one of
+#: ``fsync``, ``syncfs``. The fsync-count test's seam.
+observers: list[Callable[[str, str], None]] = []
+
+#: Whether to write new files into an unnamed ``O_TMPFILE`` inode and ``linkat`` them
+#: into place; cleared (for the process) the first time the file system refuses, and
+#: by tests forcing the fallback (a locked, named temporary file linked into place).
+use_o_tmpfile = hasattr(os, "O_TMPFILE")
+
+_NO_TMPFILE = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.EXDEV,
+                         errno.ENOSYS, errno.EPERM})
+
+#: ``BoxStore(sync=...)``: "auto" (syncfs where it reports errors), "syncfs", "fsync".
+SYNC_MODES = ("auto", "syncfs", "fsync")
 
 
 @contextlib.contextmanager
@@ -45,6 +76,111 @@ def _naming(path: str | os.PathLike[str]) -> Iterator[None]:
         raise
 
 
+def durable(call: str, fd: int, path: str | os.PathLike[str]) -> None:
+    """The one durable system call: ``fsync(fd)`` or ``syncfs(fd)``, told to the observers."""
+    for fn in observers:
+        fn(call, os.fspath(path))
+    with _naming(path):
+        if call == "syncfs":
+            _syncfs(fd)
+        else:
+            os.fsync(fd)
+
+
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """Make one file or directory durable (its data, or its entries)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        durable("fsync", fd, path)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a directory's entries (creations, renames, removals) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        durable("fsync", fd, path)
+    finally:
+        os.close(fd)
+
+
+# -- syncfs -----------------------------------------------------------------------------------
+
+_libc_syncfs: Callable[[int], int] | None = None
+
+
+def _syncfs(fd: int) -> None:
+    import ctypes  # noqa: PLC0415 - only a store that syncs a file system needs it
+
+    global _libc_syncfs  # noqa: PLW0603 - bound once, on first use
+    if _libc_syncfs is None:
+        fn = ctypes.CDLL(None, use_errno=True).syncfs
+        fn.argtypes = [ctypes.c_int]
+        fn.restype = ctypes.c_int
+        _libc_syncfs = fn
+    if _libc_syncfs(fd) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def syncfs_reports_errors() -> bool:
+    """Whether this kernel's ``syncfs`` reports write-back errors (Linux 5.8 and later)."""
+    if os.uname().sysname != "Linux":
+        return False
+    try:
+        import ctypes  # noqa: PLC0415
+
+        ctypes.CDLL(None).syncfs  # noqa: B018 - present in this C library?
+    except (OSError, AttributeError):
+        return False
+    release = os.uname().release.split(".")
+    try:
+        major, minor = int(release[0]), int(release[1].split("-")[0])
+    except (ValueError, IndexError):
+        return False
+    return (major, minor) >= (5, 8)
+
+
+class Durability:
+    """How one store makes a set of new or changed files and directories durable at once."""
+
+    def __init__(self, root: Path, mode: str, *, one_file_system: bool) -> None:
+        if mode not in SYNC_MODES:
+            msg = f"sync {mode!r} is not one of {', '.join(SYNC_MODES)}"
+            raise InvalidArgumentError(msg, field="sync", value=mode)
+        if mode == "auto":
+            mode = "syncfs" if one_file_system and syncfs_reports_errors() else "fsync"
+        elif mode == "syncfs" and not one_file_system:
+            msg = "sync='syncfs' needs the whole store on one file system"
+            raise InvalidArgumentError(msg, path=root, field="sync", value=mode)
+        self.root = root
+        #: "syncfs" or "fsync": what a barrier over more than one path does.
+        self.mode = mode
+
+    def barrier(self, paths: Iterable[str | os.PathLike[str]]) -> None:
+        """Make every listed file (its data) and directory (its entries) durable.
+
+        One path: one ``fsync``. More: one ``syncfs`` of the store's file
+        system, or (``fsync`` mode) an ``fsync`` of each, in order.
+        """
+        todo = list(dict.fromkeys(os.fspath(p) for p in paths))
+        if not todo:
+            return
+        if len(todo) == 1 or self.mode == "fsync":
+            for p in todo:
+                fsync_path(p)
+            return
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            durable("syncfs", fd, self.root)
+        finally:
+            os.close(fd)
+
+
+# -- writing new files ------------------------------------------------------------------------
+
+
 def _write_all(fd: int, data: bytes) -> None:
     """``os.write`` until all of ``data`` is written (a filling disk writes less, then fails)."""
     view = memoryview(data)
@@ -52,36 +188,94 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """Make a directory's entries (creations, renames, removals) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _fill(fd: int, writes: tuple[tuple[int, bytes], ...], size: int | None) -> None:
+    if len(writes) == 1 and writes[0][0] == 0:
+        _write_all(fd, writes[0][1])  # a small file in one piece, from a new descriptor
+    else:
+        for offset, data in writes:
+            _pwrite_all(fd, data, offset)
+    if size is not None:
+        os.ftruncate(fd, size)
+
+
+def write_file(path: Path, data: bytes | tuple[tuple[int, bytes], ...],
+               size: int | None = None) -> None:
+    """Create ``path`` (never over an existing file) holding ``data``; not synced.
+
+    For files inside a staging directory, which no reader looks into: a crash
+    leaves at most a partial file there, removed with the stage. ``data`` is
+    bytes, or (offset, bytes) writes of a file ``size`` bytes long.
+    """
+    writes = ((0, data),) if isinstance(data, bytes) else data
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         with _naming(path):
-            os.fsync(fd)
+            _fill(fd, writes, size)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        raise
     finally:
         os.close(fd)
 
 
-def write_json(path: Path, value: Any, *, durable: bool = True) -> None:
-    """Replace ``path`` with ``value`` as JSON: temp file, fsync, rename, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
-    data = (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+def link_new_file(path: Path, data: bytes | tuple[tuple[int, bytes], ...],
+                  size: int | None = None) -> None:
+    """Create ``path`` complete or not at all, in a directory others read; not synced.
+
+    The bytes go into an unnamed ``O_TMPFILE`` inode that ``linkat`` then
+    names (a crash before the link leaves nothing); where the file system
+    cannot, into a locked temporary file beside it, hard-linked to ``path``.
+    Never replaces an existing file (FileExistsError).
+    """
+    writes = ((0, data),) if isinstance(data, bytes) else data
+    if use_o_tmpfile and _link_anonymous(path, writes, size):
+        return
+    fd, tmp = create_temp(os.fspath(path.parent), path.name, 0o644)
     try:
-        try:
-            with _naming(tmp):
-                _write_all(fd, data)
-                if durable:
-                    os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
+        with _naming(path):
+            _fill(fd, writes, size)
+            os.link(tmp, path)
+    finally:
         with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    if durable:
-        fsync_dir(path.parent)
+            os.unlink(tmp)
+        os.close(fd)
+
+
+def _link_anonymous(path: Path, writes: tuple[tuple[int, bytes], ...],
+                    size: int | None) -> bool:
+    """Write into an ``O_TMPFILE`` inode and link it as ``path``; False if the system cannot."""
+    global use_o_tmpfile  # noqa: PLW0603 - a process-wide capability switch
+    try:
+        fd = os.open(path.parent, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno not in _NO_TMPFILE:
+            raise
+        use_o_tmpfile = False
+        return False
+    try:
+        with _naming(path):
+            _fill(fd, writes, size)
+            try:
+                # linkat(AT_FDCWD, "/proc/self/fd/N", AT_FDCWD, path, AT_SYMLINK_FOLLOW)
+                os.link(f"/proc/self/fd/{fd}", path, follow_symlinks=True)
+            except FileExistsError:
+                raise
+            except OSError as exc:
+                if exc.errno not in _NO_TMPFILE and exc.errno != errno.ENOENT:
+                    raise
+                use_o_tmpfile = False  # no /proc, say: the named fallback works
+                return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def write_new_file(path: Path, data: bytes) -> None:
@@ -94,31 +288,12 @@ def write_new_file(path: Path, data: bytes) -> None:
     try:
         with _naming(path):
             _write_all(fd, data)
-            os.fsync(fd)
+        durable("fsync", fd, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         raise
     finally:
-        os.close(fd)
-
-
-def publish_new_file(path: Path, data: bytes) -> None:
-    """Create ``path`` holding ``data``, fsynced, so that no reader ever sees it half-written.
-
-    The bytes go to a locked temporary file beside it (``create_temp``), which is
-    then hard-linked to ``path`` (never over an existing file). The directory is
-    not fsynced.
-    """
-    fd, tmp = create_temp(os.fspath(path.parent), path.name, 0o644)
-    try:
-        with _naming(path):
-            _write_all(fd, data)
-            os.fsync(fd)
-            os.link(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
         os.close(fd)
 
 
@@ -147,7 +322,7 @@ _CHUNK = 4 << 20
 
 
 def copy_sparse(src: Path, dst: Path) -> int:
-    """Copy ``src`` to a new file ``dst``, keeping holes; fsync it. Returns the size.
+    """Copy ``src`` to a new file ``dst``, keeping holes; not synced. Returns the size.
 
     Only the data extents (``SEEK_DATA``/``SEEK_HOLE``) are copied, in chunks of
     at most 4 MiB, so a sparse 10 GiB raw base stays sparse and memory stays
@@ -172,12 +347,11 @@ def copy_sparse(src: Path, dst: Path) -> int:
                     if not data:
                         break
                     with _naming(dst):
-                        pwrite_all(dfd, data, start)
+                        _pwrite_all(dfd, data, start)
                     start += len(data)
                 pos = end
             with _naming(dst):
                 os.ftruncate(dfd, size)
-                os.fsync(dfd)
         finally:
             os.close(dfd)
     finally:
@@ -197,7 +371,11 @@ def make_writable(path: Path) -> None:
 
 
 def remove_tree(path: Path) -> None:
-    """Remove a directory tree (read-only files included); a missing one is fine."""
+    """Remove a directory tree (read-only files included); a missing one is fine.
+
+    Not synced: what the store removes is out of view already (staging, trash),
+    and a removal that a power cut undoes is done again by recovery or gc.
+    """
     if not os.path.lexists(path):
         return
 
@@ -212,5 +390,3 @@ def remove_tree(path: Path) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-    with contextlib.suppress(FileNotFoundError):
-        fsync_dir(path.parent)

@@ -6,10 +6,19 @@ A record is one small JSON file in ``.boxdisk/journal/``, named
 the record by its name alone. The record holds everything needed to undo the
 operation or to finish it; every path in it is relative to the store root.
 
-The record is created (and its directory synced) before the operation's first
-step and removed after its last; a record left behind by a crash is recovered
-by the next process that takes its locks, which undoes the operation or, if it
-had passed its point of no return (the files say which), finishes it.
+The record is published (complete or not at all) before the operation's first
+step and removed after its last. It is not synced by itself: the operation's
+first barrier, which it needs anyway before its point of no return, makes the
+record durable together with the files it staged (see ``docs/store.md``). A
+record left behind by a crash is recovered by the next process that takes its
+locks, which undoes the operation or, if it had passed its point of no return
+(the files say which), finishes it.
+
+A batch (``create_boxes``, ``snapshot_boxes``) holds one lock of its own,
+``batch:OPID``, and *claims* the boxes it works on: its record is named
+``OPID.HASH.batch.json`` and lists the claimed keys inside, so an operation on
+a claimed box finds it (by reading the few batch records) and waits for the
+batch's lock, or recovers the batch if its owner is dead.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ import attrs
 from boxdisk._errors import StoreError
 from boxdisk._log import get_logger
 
-from ._fs import dump_json, fsync_dir, publish_new_file, read_json
+from ._fs import dump_json, link_new_file, read_json
 from ._layout import Layout, key_hash
 
 __all__ = ["CRASH_ENV", "TRACE_ENV", "Journal", "Record", "crashpoint", "new_opid"]
@@ -41,6 +50,7 @@ CRASH_ENV = "BOXDISK_STORE_CRASH_AT"
 TRACE_ENV = "BOXDISK_STORE_TRACE"
 
 _SUFFIX = ".json"
+_BATCH = "batch"
 
 
 def crashpoint(op: str, step: str) -> None:
@@ -67,6 +77,8 @@ class Record:
     keys: tuple[str, ...]
     data: dict[str, Any]
     path: Path
+    #: Keys a batch claims without holding their locks (empty for other operations).
+    claims: tuple[str, ...] = ()
 
 
 class Journal:
@@ -79,24 +91,37 @@ class Journal:
     # -- writing ---------------------------------------------------------------
 
     def begin(self, op: str, keys: tuple[str, ...], data: dict[str, Any],
-              *, opid: str | None = None) -> Record:
-        """Record the intent of ``op`` (durably) before its first step."""
+              *, opid: str | None = None, claims: tuple[str, ...] = ()) -> Record:
+        """Publish the intent of ``op`` before its first step (not synced: see the module).
+
+        ``claims`` (a batch's) are the keys it works on without holding their locks.
+        """
         opid = opid or new_opid()
         hashes = "+".join(sorted(key_hash(k) for k in keys))
-        path = self._dir / f"{opid}.{hashes}{_SUFFIX}"
+        kind = f".{_BATCH}" if claims else ""
+        path = self._dir / f"{opid}.{hashes}{kind}{_SUFFIX}"
         body = {"op": op, "opid": opid, "keys": list(keys), "pid": os.getpid(),
                 "started": time.time(), "data": data}
+        if claims:
+            body["claims"] = list(claims)
         # Other processes list the journal at any time (recovery, gc, verify): a record must
         # never be seen half-written, or it would be taken for a dead process's and removed.
-        publish_new_file(path, dump_json(body))
-        try:
-            fsync_dir(self._dir)
-        except BaseException:
-            # Nothing was done yet: a record that may not last must not stay either.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            raise
-        return Record(opid, op, tuple(keys), data, path)
+        link_new_file(path, dump_json(body))
+        return Record(opid, op, tuple(keys), data, path, tuple(claims))
+
+    def rewrite(self, record: Record, data: dict[str, Any]) -> None:
+        """Replace a live record's data (a batch's, once it knows its boxes); not synced.
+
+        The new record is linked under a hidden name and renamed over the old
+        one, so a reader sees the one or the other, whole.
+        """
+        body = json.loads(record.path.read_bytes())
+        body["data"] = data
+        tmp = self._dir / f".{record.opid}.rewrite"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        link_new_file(tmp, dump_json(body))
+        os.replace(tmp, record.path)
 
     def finish(self, record: Record) -> None:
         """Forget a record whose operation is complete (or undone).
@@ -104,8 +129,9 @@ class Journal:
         Not synced: a record that reappears after a power loss is recovered
         again, and every recovery is idempotent.
         """
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(record.path)
+        for path in (record.path, self._dir / f".{record.opid}.rewrite"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
     # -- reading ---------------------------------------------------------------
 
@@ -117,15 +143,28 @@ class Journal:
         except FileNotFoundError:
             return []
 
-    def touching(self, keys: tuple[str, ...]) -> list[str]:
-        """Names of the records that hold any of ``keys`` (found by name, nothing read)."""
-        wanted = {key_hash(k) for k in keys}
+    def touching(self, keys: tuple[str, ...], *, skip: str | None = None) -> list[str]:
+        """Names of the records that hold or claim any of ``keys``.
+
+        Found by name, nothing read, except batch records (rare: only while a
+        batch runs or after one crashed), whose claims are read.
+        """
+        hashes = {key_hash(k) for k in keys}
+        wanted = set(keys)
         out = []
         for name in self.names():
             parts = name.split(".")
-            if len(parts) == 3 and wanted.intersection(parts[1].split("+")):
+            if len(parts) == 3 and hashes.intersection(parts[1].split("+")):
                 out.append(name)
+            elif len(parts) == 4 and parts[2] == _BATCH and name != skip:
+                record = self.load(name)
+                if record is not None and wanted.intersection(record.claims):
+                    out.append(name)
         return out
+
+    def durable_paths(self, record: Record) -> tuple[Path, Path]:
+        """What a barrier lists to make ``record`` durable: the file and its directory."""
+        return record.path, self._dir
 
     def opids(self) -> set[str]:
         """The operation ids of every record now in the journal."""
@@ -134,9 +173,9 @@ class Journal:
     def load(self, name: str) -> Record | None:
         """Read a record; None when it is gone (finished meanwhile) or was never completed.
 
-        A record appears complete (hard-linked into place once written and
-        fsynced), so one that does not parse is not one being written: it was
-        damaged, and is removed (nothing can be recovered from it).
+        A record appears complete (linked into place once written), so one
+        that does not parse is not one being written: it was damaged, and is
+        removed (nothing can be recovered from it).
         """
         path = self._dir / name
         try:
@@ -150,7 +189,8 @@ class Journal:
             return None
         try:
             return Record(str(body["opid"]), str(body["op"]),
-                          tuple(str(k) for k in body["keys"]), dict(body["data"]), path)
+                          tuple(str(k) for k in body["keys"]), dict(body["data"]), path,
+                          tuple(str(k) for k in body.get("claims", ())))
         except (KeyError, TypeError, ValueError) as exc:
             msg = f"journal record is malformed ({exc!r})"
             raise StoreError(msg, path=path, field="record", value=name) from None

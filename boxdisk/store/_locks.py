@@ -1,37 +1,46 @@
 """The store's file locks: one store-wide lock for short structural changes, one per box.
 
-Locks are ``filelock.FileLock`` (``flock(2)``): released by the kernel when
-their process dies, so a crashed holder never wedges the store. The holder
-writes who it is (pid, operation, box) into the lock file as it acquires, so a
-process that times out can say whom it waited for.
+Locks are ``flock(2)`` locks on small files under ``.boxdisk/locks/``: released
+by the kernel when their process dies, so a crashed holder never wedges the
+store. The holder writes who it is (pid, operation, box) into the lock file as
+it acquires, so a process that times out can say whom it waited for.
 
-Order, to rule out deadlocks: box (and base) locks in sorted key order, then
-the store lock, innermost and briefly.
+A process keeps its lock files open between operations (up to
+:data:`MAX_OPEN` of them, the least recently used closed beyond that), so
+taking a lock it took before is one ``flock`` and one ``pwrite``, not an open
+and a close. Threads of one process exclude each other with a thread lock per
+key (a lock is re-entrant for the thread that holds it), and other processes
+with the ``flock``.
+
+Order, to rule out deadlocks: batch, box and base locks in sorted key order,
+then the store lock, innermost and briefly.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from typing import Any
-
-import filelock
 
 from boxdisk._errors import LockTimeoutError
 from boxdisk._log import get_logger
 
 from ._layout import Layout
 
-__all__ = ["STORE_KEY", "StoreLocks"]
+__all__ = ["MAX_OPEN", "STORE_KEY", "StoreLocks"]
 
 log = get_logger(__name__)
 
 #: The key of the store-wide lock.
 STORE_KEY = "store"
+#: Lock files a process keeps open between operations.
+MAX_OPEN = 256
 _HOLDER_BYTES = 2048
 _POLL = 0.005
 
@@ -43,13 +52,26 @@ def _describe_key(key: str) -> str:
     return f"the lock of {kind} {name!r}"
 
 
+class _KeyLock:
+    """One key's lock in this process: a thread lock, a count, and the lock file's descriptor."""
+
+    __slots__ = ("count", "fd", "owner", "path", "thread_lock")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.thread_lock = threading.Lock()
+        self.owner: int | None = None
+        self.count = 0
+        self.fd: int | None = None
+
+
 class StoreLocks:
     """Every lock of one store, for one process (shared by its threads)."""
 
     def __init__(self, layout: Layout, timeout: float) -> None:
         self._layout = layout
         self.timeout = timeout
-        self._locks: dict[str, filelock.BaseFileLock] = {}
+        self._locks: OrderedDict[str, _KeyLock] = OrderedDict()
         self._guard = threading.Lock()
         self._local = threading.local()
 
@@ -60,34 +82,45 @@ class StoreLocks:
             return os.fspath(self._layout.store_lock)
         return os.fspath(self._layout.lock_file(key))
 
-    def _lock(self, key: str) -> filelock.BaseFileLock:
+    def _lock(self, key: str) -> _KeyLock:
         with self._guard:
             lock = self._locks.get(key)
             if lock is None:
-                lock = filelock.FileLock(self._path(key), poll_interval=_POLL,
-                                         on_acquired=self._holder_writer(key))
-                self._locks[key] = lock
+                lock = self._locks[key] = _KeyLock(self._path(key))
+            self._locks.move_to_end(key)
             return lock
 
-    def _holder_writer(self, key: str) -> Callable[[int], None]:
-        def write(fd: int) -> None:
-            op = getattr(self._local, "op", "?")
-            info = {"pid": os.getpid(), "key": key, "op": op, "since": time.time()}
-            data = json.dumps(info).encode()[:_HOLDER_BYTES]
-            # Overwritten in place at a fixed size: no truncate, no block allocation. Only a
-            # note for whoever waits: a full disk or an I/O error must not refuse the lock
-            # (recovery needs it most then).
-            with contextlib.suppress(OSError):
-                os.pwrite(fd, data.ljust(_HOLDER_BYTES), 0)
+    def _trim(self) -> None:
+        """Close the least recently used lock files beyond :data:`MAX_OPEN` (none held)."""
+        with self._guard:
+            open_ = [k for k, v in self._locks.items() if v.fd is not None]
+            for key in open_[: max(0, len(open_) - MAX_OPEN)]:
+                lock = self._locks[key]
+                if lock.count == 0 and lock.thread_lock.acquire(blocking=False):
+                    try:
+                        if lock.fd is not None and lock.count == 0:
+                            os.close(lock.fd)
+                            lock.fd = None
+                            del self._locks[key]
+                    finally:
+                        lock.thread_lock.release()
 
-        return write
+    def _write_holder(self, key: str, fd: int) -> None:
+        op = getattr(self._local, "op", "?")
+        info = {"pid": os.getpid(), "key": key, "op": op, "since": time.time()}
+        data = json.dumps(info).encode()[:_HOLDER_BYTES]
+        # Overwritten in place at a fixed size: no truncate, no block allocation. Only a
+        # note for whoever waits: a full disk or an I/O error must not refuse the lock
+        # (recovery needs it most then).
+        with contextlib.suppress(OSError):
+            os.pwrite(fd, data.ljust(_HOLDER_BYTES), 0)
 
     def holder(self, key: str) -> dict[str, Any]:
         """What the lock file says about its last holder (empty when it says nothing)."""
         try:
             with open(self._path(key), "rb") as f:
                 raw = f.read(_HOLDER_BYTES)
-            info = json.loads(raw.strip() or b"{}")
+            info = json.loads(raw.strip(b"\0 ").strip() or b"{}")
         except (OSError, ValueError):
             return {}
         return info if isinstance(info, dict) else {}
@@ -106,6 +139,47 @@ class StoreLocks:
         return LockTimeoutError(msg, path=self._layout.root, field="lock",
                                 value={"key": key, "holder": info})
 
+    def _acquire(self, key: str, deadline: float, blocking: bool) -> _KeyLock | None:
+        """Take one key (re-entrant for this thread); None when it is busy."""
+        lock = self._lock(key)
+        me = threading.get_ident()
+        if lock.owner == me:
+            lock.count += 1
+            return lock
+        remaining = max(0.0, deadline - time.monotonic())
+        if not lock.thread_lock.acquire(timeout=remaining if blocking else 0):
+            return None
+        try:
+            if lock.fd is None:
+                lock.fd = os.open(lock.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            while True:
+                try:
+                    fcntl.flock(lock.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if not blocking or time.monotonic() >= deadline:
+                        lock.thread_lock.release()
+                        return None
+                    time.sleep(_POLL)
+        except BaseException:
+            lock.thread_lock.release()
+            raise
+        lock.owner, lock.count = me, 1
+        self._write_holder(key, lock.fd)
+        return lock
+
+    @staticmethod
+    def _release(lock: _KeyLock) -> None:
+        lock.count -= 1
+        if lock.count:
+            return
+        lock.owner = None
+        try:
+            if lock.fd is not None:
+                fcntl.flock(lock.fd, fcntl.LOCK_UN)
+        finally:
+            lock.thread_lock.release()
+
     @contextlib.contextmanager
     def hold(self, keys: Iterable[str], op: str, *, timeout: float | None = None,
              blocking: bool = True) -> Iterator[None]:
@@ -115,28 +189,24 @@ class StoreLocks:
         whoever waits. Raises :class:`LockTimeoutError` naming the holder.
         """
         ordered = sorted(set(keys), key=lambda k: (k == STORE_KEY, k))
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        taken: list[filelock.BaseFileLock] = []
+        wait = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + wait
+        taken: list[_KeyLock] = []
         previous = getattr(self._local, "op", None)
         self._local.op = op
         try:
             for key in ordered:
-                lock = self._lock(key)
-                remaining = max(0.0, deadline - time.monotonic())
-                try:
-                    if blocking:
-                        lock.acquire(timeout=remaining)
-                    else:
-                        lock.acquire(blocking=False)
-                except filelock.Timeout:
-                    raise self._timeout_error(key, self.timeout if timeout is None
-                                              else timeout) from None
+                lock = self._acquire(key, deadline, blocking)
+                if lock is None:
+                    raise self._timeout_error(key, wait)
                 taken.append(lock)
             yield
         finally:
             for lock in reversed(taken):
-                lock.release()
+                self._release(lock)
             self._local.op = previous
+            if len(self._locks) > MAX_OPEN:
+                self._trim()
 
     def try_hold(self, keys: Iterable[str], op: str) -> contextlib.AbstractContextManager[bool]:
         """Hold ``keys`` if every one is free right now; yields whether it did."""
@@ -149,11 +219,19 @@ class StoreLocks:
     def held(self, key: str) -> bool:
         """Whether this thread holds ``key``."""
         lock = self._locks.get(key)
-        return lock is not None and lock.is_locked
+        return lock is not None and lock.owner == threading.get_ident()
+
+    def open_files(self) -> int:
+        """How many lock files this process has open now."""
+        return sum(1 for v in self._locks.values() if v.fd is not None)
 
     def close(self) -> None:
-        """Drop the lock objects (none may be held)."""
+        """Close every lock file (none may be held)."""
         with self._guard:
+            for lock in self._locks.values():
+                if lock.fd is not None and lock.count == 0:
+                    os.close(lock.fd)
+                    lock.fd = None
             self._locks.clear()
 
 

@@ -84,8 +84,12 @@ def remove_snapshot(ctx: StoreContext, box_id: str, name: str, *, merge: bool) -
         opid = new_opid()
         trash = lay.trash / opid
         data = {"box": box_id, "name": name, "trash": lay.rel(trash), "steps": steps}
-        with ctx.intent("remove_snapshot", (key,), data, opid):
+        with ctx.intent("remove_snapshot", (key,), data, opid) as record:
             crashpoint("remove_snapshot", "recorded")
+            if steps:
+                # A merge makes snapshots writable while it streams into them: the record
+                # that seals them again must outlive a power cut.
+                ctx.barrier(ctx.journal.durable_paths(record))
             for i, step in enumerate(steps):
                 image = lay.abs(step["image"])
                 if not step["writable"]:
@@ -101,8 +105,9 @@ def remove_snapshot(ctx: StoreContext, box_id: str, name: str, *, merge: bool) -
                     msg = f"snapshot {name!r} of box {box_id!r} gained dependents"
                     raise StoreError(msg, path=sdir, field="snapshot", value=name)
                 os.rename(sdir, trash)
-                fsync_dir(sdir.parent)
                 crashpoint("remove_snapshot", "moved")
+            fsync_dir(sdir.parent)  # durable call 1 (without a merge, the only one)
+            crashpoint("remove_snapshot", "synced")
             # Out of view now; deleting the files may take a while, outside the lock.
             remove_tree(trash)
             crashpoint("remove_snapshot", "removed")
@@ -185,12 +190,11 @@ def remove_box(ctx: StoreContext, box_id: str) -> None:
                 stack.enter_context(ctx.intent("remove_box", (key,), data, opid))
                 crashpoint("remove_box", "recorded")
                 os.rename(bdir, trash)
-                fsync_dir(lay.boxes)
                 for i, cdir in enumerate(clone_dirs):
                     os.rename(cdir, lay.trash / f"{opid}-clone{i}")
-                if clone_dirs:
-                    fsync_dir(lay.clones)
                 crashpoint("remove_box", "moved")
+            ctx.barrier([lay.boxes, *([lay.clones] if clone_dirs else [])])  # durable call 1
+            crashpoint("remove_box", "synced")
             _remove_trash(ctx, opid)
             crashpoint("remove_box", "removed")
     log.info("box_removed", box=box_id, clone_bases=len(clone_dirs), ms=ms(start))

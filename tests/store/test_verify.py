@@ -84,7 +84,7 @@ def test_verify_reports_an_interrupted_operation_it_does_not_own(qemu, tmp_path:
     root = tmp_path / "store"
     with BoxStore(root) as store:
         store.create_box("vm", size=SIZE)
-        proc = run_store(root, "snapshot", "vm", "s1", env={CRASH_ENV: "snapshot:linked"})
+        proc = run_store(root, "snapshot", "vm", "s1", env={CRASH_ENV: "snapshot:staged"})
         assert proc.returncode == -signal.SIGKILL
         report = store.verify()  # opened before the crash: nothing recovered yet
         assert {p.kind for p in report.problems} >= {"interrupted"}
