@@ -367,11 +367,22 @@ class ImagePlan:
     file_size: int
 
 
-def plan_disk(size: int = DEFAULT_DISK_SIZE, *,
-              cluster_size: int = DEFAULT_CLUSTER_SIZE) -> ImagePlan:
-    """What :func:`create_disk` would write for ``size``, without writing it."""
+def plan_disk(size: int = DEFAULT_DISK_SIZE, *, cluster_size: int = DEFAULT_CLUSTER_SIZE,
+              backing_name: str | None = None,
+              backing_format: BackingFormat | str | None = None) -> ImagePlan:
+    """What :func:`create_disk` would write for ``size``, without writing it.
+
+    With ``backing_name`` (and its ``backing_format``), an empty child naming
+    that backing file, as written (nothing is resolved or checked: the caller
+    knows the file).
+    """
     size = _round_size(size)
-    layout = plan_new_image(size, cluster_bits=_cluster_bits(cluster_size))
+    fmt = None if backing_format is None else BackingFormat.parse(backing_format).as_str()
+    if (backing_name is None) != (fmt is None):
+        msg = "backing_name and backing_format go together"
+        raise InvalidArgumentError(msg, field="backing_format", value=backing_format)
+    layout = plan_new_image(size, cluster_bits=_cluster_bits(cluster_size),
+                            backing_file=backing_name, backing_format=fmt)
     return ImagePlan(size, layout.writes, layout.file_size)
 
 

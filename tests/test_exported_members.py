@@ -49,7 +49,8 @@ def test_public_names_of_submodules_are_exported_from_boxdisk(module: str) -> No
             assert getattr(boxdisk, name) is obj, f"boxdisk.{name} is not {module}.{name}"
     allowed = {"boxdisk.ops": {"Progress"}, "boxdisk.chain": {"DEFAULT_MAX_DEPTH"},
                "boxdisk.image": {"Image", "Run", "RunKind"},
-               "boxdisk.qcow2": {"Disk", "DiskFormat", "rewrite_backing_reference"}}
+               "boxdisk.qcow2": {"Disk", "DiskFormat", "rewrite_backing_reference",
+                                 "ImagePlan", "plan_disk", "plan_child_disk"}}
     assert set(missing) <= allowed.get(module, set()), f"not exported from boxdisk: {missing}"
 
 

@@ -37,7 +37,7 @@ from ._core import StoreContext, base_key, box_key, ms
 from ._fs import copy_sparse, dump_json, fsync_dir, make_read_only, remove_tree, write_file
 from ._journal import Record, crashpoint, new_opid
 from ._layout import BASE_META, BOX_META, CONTAINER_DISK, DISK_NAMES
-from ._queries import box_value, host_bytes
+from ._queries import box_value
 from ._values import Box
 
 __all__ = [
@@ -134,35 +134,58 @@ def recover_add_base(ctx: StoreContext, record: Record) -> None:
 
 
 class _Planner:
-    """The images of new boxes, planned once per (base, size): every child of one base
-    over the same relative name is byte for byte the same."""
+    """The images of new boxes, planned once per (base, size, disk) and kept in the context.
+
+    Every child of one base, over the same relative name, is byte for byte the
+    same image: a plan is reused while the base's file is the same one (its
+    inode and mtime, one ``stat`` per box).
+    """
 
     def __init__(self, ctx: StoreContext) -> None:
         self._ctx = ctx
-        self._plans: dict[tuple[str | None, int | None, str], ImagePlan] = {}
+        cache = ctx.cache.setdefault("plans", {})
+        assert isinstance(cache, dict)
+        self._plans: dict[tuple[str | None, int | None, str], tuple[object, ImagePlan]] = cache
+        #: Plans this planner checked against their base already (a batch checks once).
+        self._checked: dict[tuple[str | None, int | None, str], ImagePlan] = {}
 
     def plan(self, base: str | None, size: int | None, disk: str, stage: Path) -> ImagePlan:
         key = (base, size, disk)
-        plan = self._plans.get(key)
-        if plan is None:
-            if base is None:
-                plan = plan_disk(DEFAULT_DISK_SIZE if size is None else size)
-            else:
-                path, fmt = self._ctx.base_image(base)
-                plan = plan_child_disk(path, fmt, stage / disk, size, relative=True)
-            self._plans[key] = plan
+        checked = self._checked.get(key)
+        if checked is not None:
+            return checked
+        self._checked[key] = plan = self._plan(key, base, size, disk, stage)
+        return plan
+
+    def _plan(self, key: tuple[str | None, int | None, str], base: str | None,
+              size: int | None, disk: str, stage: Path) -> ImagePlan:
+        if base is None:
+            stamp: object = None
+        else:
+            path, fmt = self._ctx.base_image(base)
+            st = os.stat(path)
+            stamp = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        cached = self._plans.get(key)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        if base is None:
+            plan = plan_disk(DEFAULT_DISK_SIZE if size is None else size)
+        else:
+            plan = plan_child_disk(path, fmt, stage / disk, size, relative=True)
+        self._plans[key] = (stamp, plan)
         return plan
 
 
 def _stage_box(planner: _Planner, stage: Path, spec: BoxSpec,
                meta: dict[str, Any]) -> tuple[list[Path], int, int | None]:
     """Write a box into ``stage``; the paths a barrier must cover, and the disks' sizes."""
-    stage.mkdir()
-    (stage / "snapshots").mkdir()
-    write_file(stage / BOX_META, dump_json(meta))
+    os.mkdir(stage)
+    os.mkdir(stage / "snapshots")
+    box_json, disk = stage / BOX_META, stage / CONTAINER_DISK
+    write_file(box_json, dump_json(meta))
     plan = planner.plan(spec.base, spec.size, CONTAINER_DISK, stage)
-    write_file(stage / CONTAINER_DISK, plan.writes, plan.file_size)
-    paths = [stage / BOX_META, stage / CONTAINER_DISK, stage]
+    write_file(disk, plan.writes, plan.file_size)
+    paths = [box_json, disk, stage]
     guest_size = None
     if spec.guest_base is not None:
         guest = planner.plan(spec.guest_base, None, DISK_NAMES[1], stage)
@@ -179,10 +202,14 @@ def _meta(spec: BoxSpec) -> dict[str, Any]:
 
 def _box(final: Path, spec: BoxSpec, meta: dict[str, Any], size: int,
          guest_size: int | None) -> Box:
+    """The value of a box just made: its files are known, nothing is walked."""
+    disk = final / CONTAINER_DISK
     guest = final / DISK_NAMES[1] if guest_size is not None else None
-    return Box(id=spec.id, dir=final, disk=final / CONTAINER_DISK, guest_disk=guest,
+    files = (final / BOX_META, disk) if guest is None else (final / BOX_META, disk, guest)
+    used = sum(os.lstat(f).st_blocks * 512 for f in files)
+    return Box(id=spec.id, dir=final, disk=disk, guest_disk=guest,
                base=spec.base, guest_base=spec.guest_base, snapshots=(), size=size,
-               guest_size=guest_size, host_bytes=host_bytes(final), created=meta["created"])
+               guest_size=guest_size, host_bytes=used, created=meta["created"])
 
 
 def create_box(ctx: StoreContext, box_id: str, *, base: str | None, size: int | None,
@@ -236,8 +263,8 @@ def create_boxes(ctx: StoreContext, specs: list[BoxSpec]) -> list[Box]:
     keys = tuple(box_key(s.id) for s in specs)
     with ctx.operation("create_boxes", (batch,)):
         planner = _Planner(ctx)
-        entries = [{"box": s.id, "stage": lay.rel(lay.boxes / f".stage-{opid}-{i}")}
-                   for i, s in enumerate(specs)]
+        stages = [lay.boxes / f".stage-{opid}-{i}" for i in range(len(specs))]
+        entries = [{"box": s.id, "stage": lay.rel(p)} for s, p in zip(specs, stages, strict=True)]
         with ctx.intent("create_boxes", (batch,), {"boxes": entries}, opid,
                         claims=keys) as record:
             crashpoint("create_boxes", "recorded")
@@ -247,19 +274,20 @@ def create_boxes(ctx: StoreContext, specs: list[BoxSpec]) -> list[Box]:
                 msg = f"{len(taken)} of the boxes already exist: {', '.join(map(repr, taken))}"
                 raise AlreadyExistsError(msg, path=lay.boxes, field="box_id",
                                          value=tuple(taken))
-            paths: list[Path] = []
+            # The record too: after a crash amid the renames, it says which boxes finish.
+            paths: list[Path] = [*ctx.journal.durable_paths(record)]
             made = []
-            for spec, e in zip(specs, entries, strict=True):
+            for spec, stage in zip(specs, stages, strict=True):
                 meta = _meta(spec)
-                staged, size, guest_size = _stage_box(planner, lay.abs(e["stage"]), spec, meta)
+                staged, size, guest_size = _stage_box(planner, stage, spec, meta)
                 paths += staged
                 made.append((spec, meta, size, guest_size))
             crashpoint("create_boxes", "staged")
             ctx.barrier(paths)  # durable call 1, whatever the number of boxes
             crashpoint("create_boxes", "synced")
             with ctx.locks.structural(f"create_boxes ({len(specs)} boxes)"):
-                for i, e in enumerate(entries):
-                    os.rename(lay.abs(e["stage"]), lay.box_dir(e["box"]))
+                for i, (spec, stage) in enumerate(zip(specs, stages, strict=True)):
+                    os.rename(stage, lay.box_dir(spec.id))
                     if i == 0:
                         crashpoint("create_boxes", "renamed:first")
             fsync_dir(lay.boxes)  # durable call 2

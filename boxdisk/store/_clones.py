@@ -26,7 +26,7 @@ from ._freeze import (
 from ._fs import dump_json, make_read_only, remove_tree, write_file
 from ._journal import Record, crashpoint, new_opid
 from ._layout import BOX_META, CLONE_META, CONTAINER_DISK, DISK_NAMES
-from ._queries import host_bytes
+from ._queries import files_bytes
 from ._values import Box
 
 __all__ = ["clone_box", "export_box", "recover_clone"]
@@ -74,10 +74,11 @@ def clone_box(ctx: StoreContext, src_id: str, dst_id: str) -> Box:
             crashpoint("clone_box", "frozen")
             paths: list[Path] = [*ctx.journal.durable_paths(record)]
             for e in entries:
-                write_child(cdir / e["disk"], dstage / e["disk"])
-                write_child(cdir / e["disk"], lay.abs(e["child"]))
+                write_child(cdir / e["disk"], dstage / e["disk"], e["size"])
+                write_child(cdir / e["disk"], lay.abs(e["child"]), e["size"])
                 paths += [cdir / e["disk"], dstage / e["disk"], lay.abs(e["child"])]
-            paths += [cdir / CLONE_META, cdir, lay.clones, dstage / BOX_META, dstage, sdir]
+            paths += [cdir / CLONE_META, cdir, lay.clones, dstage / BOX_META, dstage, lay.boxes,
+                      sdir]
             crashpoint("clone_box", "children")
             ctx.barrier(paths)  # durable call 1
             crashpoint("clone_box", "synced")
@@ -91,7 +92,8 @@ def clone_box(ctx: StoreContext, src_id: str, dst_id: str) -> Box:
                base=meta["base"], guest_base=meta["guest_base"], snapshots=(),
                size=entries[0]["size"],
                guest_size=entries[1]["size"] if guest is not None else None,
-               host_bytes=host_bytes(ddir), created=meta["created"], clone_of=src_id)
+               host_bytes=files_bytes([ddir / BOX_META, *(ddir / d for d in disks)]),
+               created=meta["created"], clone_of=src_id)
 
 
 def _clone_forward(ctx: StoreContext, data: dict[str, Any]) -> list[Path]:

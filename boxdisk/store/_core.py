@@ -122,6 +122,8 @@ class StoreContext:
         self.roots = (str(layout.root),)
         self.closed = False
         self.recovery: Recoverer | None = None
+        #: What operations keep between calls (the image plans of new boxes).
+        self.cache: dict[str, object] = {}
 
     def check_open(self) -> None:
         """Raise StoreError if the store was closed."""
@@ -176,7 +178,21 @@ class StoreContext:
         waited for (and one that crashed holding it is recovered); one that
         takes it after finds the record and waits for the batch's lock.
         """
-        for key in sorted(set(keys)):
+        ordered = sorted(set(keys))
+        what = f"{op} (settling {len(ordered)} claims)"
+        for key in ordered:
+            with self.locks.hold((key,), what, note=False):
+                pass
+        # Whoever held a key before our record appeared is done now, or dead with its
+        # record left: those few keys are settled again, recovering what they left.
+        wanted = set(ordered)
+        left = set()
+        for name in self.journal.touching(tuple(ordered), skip=record.path.name):
+            if name != record.path.name:
+                other = self.journal.load(name)
+                if other is not None:
+                    left |= wanted.intersection((*other.keys, *other.claims))
+        for key in sorted(left):
             with self.operation(op, (key,), own=record.path.name):
                 pass
 

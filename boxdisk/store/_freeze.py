@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from boxdisk.qcow2 import BackingFormat, plan_child_disk, read_header, rewrite_backing_reference
+from boxdisk.qcow2 import BackingFormat, plan_disk, read_header, rewrite_backing_reference
 
 from ._core import StoreContext
 from ._fs import link_new_file, remove_tree
@@ -52,12 +52,16 @@ def _inode(path: Path) -> list[int] | None:
     return [st.st_dev, st.st_ino]
 
 
-def write_child(over: Path, child: Path, *, name: str | None = None) -> None:
-    """Write an empty qcow2 child of ``over`` at ``child`` (complete or absent; not synced).
+def write_child(over: Path, child: Path, size: int, *, name: str | None = None) -> None:
+    """Write an empty qcow2 child of ``over`` (virtual ``size``) at ``child``; not synced.
 
-    ``name`` is the backing name to write when ``over`` is about to be renamed.
+    The child appears complete or not at all. Its backing name is ``over``
+    relative to the child's directory, or ``name`` when ``over`` is about to
+    be renamed to it.
     """
-    plan = plan_child_disk(over, BackingFormat.QCOW2, child, relative=True, backing_name=name)
+    if name is None:
+        name = os.path.relpath(over, child.parent)
+    plan = plan_disk(size, backing_name=name, backing_format=BackingFormat.QCOW2)
     link_new_file(child, plan.writes, plan.file_size)
 
 

@@ -53,13 +53,19 @@ _SUFFIX = ".json"
 _BATCH = "batch"
 
 
+#: The test hooks, read once: the crash tests set them in the environment of a child process.
+_TRACE = os.environ.get(TRACE_ENV)
+_CRASH = os.environ.get(CRASH_ENV)
+
+
 def crashpoint(op: str, step: str) -> None:
     """A step boundary of ``op``; the crash tests kill the process here (see ``CRASH_ENV``)."""
-    env = os.environ
-    if TRACE_ENV in env:
-        with open(env[TRACE_ENV], "a", encoding="utf-8") as f:
+    if _TRACE is None and _CRASH is None:
+        return
+    if _TRACE is not None:
+        with open(_TRACE, "a", encoding="utf-8") as f:
             f.write(f"{op}:{step}\n")
-    if env.get(CRASH_ENV) == f"{op}:{step}":
+    if f"{op}:{step}" == _CRASH:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -129,7 +135,10 @@ class Journal:
         Not synced: a record that reappears after a power loss is recovered
         again, and every recovery is idempotent.
         """
-        for path in (record.path, self._dir / f".{record.opid}.rewrite"):
+        # Only a batch rewrites its record (and may leave the rewrite's temporary name).
+        names = (record.path, self._dir / f".{record.opid}.rewrite") if record.claims else (
+            record.path,)
+        for path in names:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 

@@ -60,10 +60,12 @@ def key_hash(key: str) -> str:
 class Layout:
     """Paths of one store; ``root`` is the store's real path (symlinks resolved)."""
 
-    __slots__ = ("bases", "boxes", "clones", "journal", "locks", "meta", "root", "trash")
+    __slots__ = ("_prefix", "bases", "boxes", "clones", "journal", "locks", "meta", "root",
+                 "trash")
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._prefix = os.fspath(root).rstrip(os.sep) + os.sep
         self.meta = root / META_DIR
         self.journal = self.meta / "journal"
         self.locks = self.meta / "locks"
@@ -108,6 +110,12 @@ class Layout:
 
     def rel(self, path: str | os.PathLike[str]) -> str:
         """``path`` relative to the root (journal records hold these, so a store can move)."""
+        text = os.fspath(path)
+        if text.startswith(self._prefix):
+            tail = text[len(self._prefix):]
+            parts = tail.split(os.sep)
+            if tail and "" not in parts and "." not in parts and ".." not in parts:
+                return tail  # already normal: what relpath would say, without its work
         return os.path.relpath(path, self.root)
 
     def abs(self, rel: str) -> Path:

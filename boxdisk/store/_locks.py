@@ -91,16 +91,22 @@ class StoreLocks:
             return lock
 
     def _trim(self) -> None:
-        """Close the least recently used lock files beyond :data:`MAX_OPEN` (none held)."""
+        """Close the least recently used lock files beyond :data:`MAX_OPEN` (none held).
+
+        Runs when the count passes MAX_OPEN and closes down to half of it, so
+        its cost is spread over the locks taken in between.
+        """
         with self._guard:
-            open_ = [k for k, v in self._locks.items() if v.fd is not None]
-            for key in open_[: max(0, len(open_) - MAX_OPEN)]:
+            keep = max(1, MAX_OPEN // 2)
+            excess = len(self._locks) - keep
+            for key in list(self._locks)[:max(0, excess)]:
                 lock = self._locks[key]
                 if lock.count == 0 and lock.thread_lock.acquire(blocking=False):
                     try:
-                        if lock.fd is not None and lock.count == 0:
-                            os.close(lock.fd)
-                            lock.fd = None
+                        if lock.count == 0:
+                            if lock.fd is not None:
+                                os.close(lock.fd)
+                                lock.fd = None
                             del self._locks[key]
                     finally:
                         lock.thread_lock.release()
@@ -139,7 +145,8 @@ class StoreLocks:
         return LockTimeoutError(msg, path=self._layout.root, field="lock",
                                 value={"key": key, "holder": info})
 
-    def _acquire(self, key: str, deadline: float, blocking: bool) -> _KeyLock | None:
+    def _acquire(self, key: str, deadline: float, blocking: bool,
+                 note: bool = True) -> _KeyLock | None:
         """Take one key (re-entrant for this thread); None when it is busy."""
         lock = self._lock(key)
         me = threading.get_ident()
@@ -165,7 +172,8 @@ class StoreLocks:
             lock.thread_lock.release()
             raise
         lock.owner, lock.count = me, 1
-        self._write_holder(key, lock.fd)
+        if note:
+            self._write_holder(key, lock.fd)
         return lock
 
     @staticmethod
@@ -182,11 +190,12 @@ class StoreLocks:
 
     @contextlib.contextmanager
     def hold(self, keys: Iterable[str], op: str, *, timeout: float | None = None,
-             blocking: bool = True) -> Iterator[None]:
+             blocking: bool = True, note: bool = True) -> Iterator[None]:
         """Hold the locks of ``keys`` (sorted order) for the block.
 
         ``op`` (an operation and its box) is written into each lock file for
-        whoever waits. Raises :class:`LockTimeoutError` naming the holder.
+        whoever waits (``note=False``: not, for a lock taken only to wait for
+        its holder). Raises :class:`LockTimeoutError` naming the holder.
         """
         ordered = sorted(set(keys), key=lambda k: (k == STORE_KEY, k))
         wait = self.timeout if timeout is None else timeout
@@ -196,7 +205,7 @@ class StoreLocks:
         self._local.op = op
         try:
             for key in ordered:
-                lock = self._acquire(key, deadline, blocking)
+                lock = self._acquire(key, deadline, blocking, note)
                 if lock is None:
                     raise self._timeout_error(key, wait)
                 taken.append(lock)

@@ -17,6 +17,7 @@ from typing import Any
 from boxdisk._errors import AlreadyExistsError, StoreError
 from boxdisk._locks import ensure_not_in_use
 from boxdisk._log import get_logger
+from boxdisk.qcow2 import read_header
 
 from ._core import StoreContext, box_key, ms
 from ._freeze import (
@@ -31,7 +32,7 @@ from ._freeze import (
 from ._fs import dump_json, fsync_dir, make_read_only, write_file
 from ._journal import Record, crashpoint, new_opid
 from ._layout import CONTAINER_DISK, DISK_NAMES, SNAPSHOT_META
-from ._queries import host_bytes
+from ._queries import files_bytes
 from ._values import Snapshot
 
 __all__ = [
@@ -79,7 +80,7 @@ def _prepare(ctx: StoreContext, data: dict[str, Any]) -> list[Path]:
          "disks": {e["disk"]: e["size"] for e in data["disks"]}}))
     for e in data["disks"]:
         os.link(bdir / e["disk"], stage / e["disk"])
-        write_child(stage / e["disk"], lay.abs(e["child"]),
+        write_child(stage / e["disk"], lay.abs(e["child"]), e["size"],
                     name=f"snapshots/{data['name']}/{e['disk']}")
         # The frozen file's data (guest writes not yet flushed) and the child.
         paths += [stage / e["disk"], lay.abs(e["child"])]
@@ -126,7 +127,8 @@ def _value(ctx: StoreContext, data: dict[str, Any]) -> Snapshot:
                     disk=final / CONTAINER_DISK,
                     guest_disk=final / DISK_NAMES[1] if len(disks) > 1 else None,
                     created=data["created"], size=disks[0]["size"],
-                    host_bytes=host_bytes(final))
+                    host_bytes=files_bytes([final / SNAPSHOT_META,
+                                            *(final / e["disk"] for e in disks)]))
 
 
 # -- snapshot, snapshot_boxes ----------------------------------------------------------------
@@ -227,12 +229,13 @@ def restore(ctx: StoreContext, box_id: str, name: str) -> None:
             ensure_not_in_use(bdir / d, "restore the box (replacing its live disk)")
         opid = new_opid()
         entries: list[dict[str, Any]] = [{"disk": d, "child": lay.rel(bdir / f".{d}.{opid}.new"),
-                    "inode": _inode(bdir / d)} for d in disks]
+                    "inode": _inode(bdir / d),
+                    "size": read_header(sdir / d).size} for d in disks]
         data = {"box": box_id, "name": name, "disks": entries}
         with ctx.intent("restore", (key,), data, opid) as record:
             crashpoint("restore", "recorded")
             for e in entries:
-                write_child(sdir / e["disk"], lay.abs(e["child"]))
+                write_child(sdir / e["disk"], lay.abs(e["child"]), e["size"])
             crashpoint("restore", "children")
             ctx.barrier([*ctx.journal.durable_paths(record),
                          *(lay.abs(e["child"]) for e in entries), bdir])  # durable call 1

@@ -88,9 +88,15 @@ def image_bytes(qemu: Any, image: str | Path, tmp: Path) -> bytes:
 
 
 def run_store(root: Path, op: str, *args: Any, env: dict[str, str] | None = None,
-              timeout: float = 120, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    """Run one BoxStore operation in a child Python process (tests/store/_runner.py)."""
-    spec = json.dumps({"root": os.fspath(root), "op": op, "args": args, "kwargs": kwargs})
+              timeout: float = 120, store_options: dict[str, Any] | None = None,
+              **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Run one BoxStore operation in a child Python process (tests/store/_runner.py).
+
+    ``store_options``: ``sync`` (the BoxStore's), ``no_tmpfile`` (force the
+    named-temporary fallback for new files).
+    """
+    spec = json.dumps({"root": os.fspath(root), "op": op, "args": args, "kwargs": kwargs,
+                       "store_options": store_options or {}})
     return subprocess.run([sys.executable, "-m", "tests.store._runner", spec], cwd=REPO,
                           env={**os.environ, **(env or {})}, capture_output=True, text=True,
                           timeout=timeout, check=False)

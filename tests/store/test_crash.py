@@ -56,6 +56,8 @@ class Scenario:
     check: Callable[[Any, BoxStore, Path], None]
     done: Callable[[BoxStore], bool]
     kwargs: dict[str, Any] = attrs.field(factory=dict)
+    #: The child's BoxStore options (``sync``, ``no_tmpfile``).
+    store_options: dict[str, Any] = attrs.field(factory=dict)
 
 
 def _box(store: BoxStore, box_id: str) -> Path:
@@ -196,6 +198,39 @@ def _check_add_base(qemu: Any, store: BoxStore, tmp: Path) -> None:
         assert_reads(qemu, box.disk, 0x61, 5 * MIB, 128 * KIB)
 
 
+POOL = [f"p{i:02d}" for i in range(50)]
+#: Boxes of the pool whose data the checks read (all of them are checked by verify).
+SAMPLE = (0, 17, 49)
+
+
+def _check_pool(qemu: Any, store: BoxStore, tmp: Path, pool: list[str] = POOL) -> None:
+    _vm_live_intact(qemu, store)
+    made = [b for b in pool if b in store.list_boxes()]
+    assert made in ([], pool), f"a batch is all or nothing: {len(made)} of {len(pool)} boxes"
+    for i in SAMPLE if made else ():
+        assert_base_data(qemu, _box(store, pool[i % len(pool)]) / "disk.qcow2", OS_DATA)
+
+
+def _setup_pool(qemu: Any, store: BoxStore, tmp: Path) -> None:
+    """vm as in _setup_vm, and a pool of 50 boxes; a few have data of their own."""
+    _setup_vm(qemu, store, tmp)
+    store.create_boxes(POOL, base="os")
+    for i in SAMPLE:
+        write(qemu, _box(store, POOL[i]) / "disk.qcow2", 0x40 + i, 3 * MIB)
+
+
+def _check_pool_snapshot(qemu: Any, store: BoxStore, tmp: Path) -> None:
+    _vm_live_intact(qemu, store)
+    taken = [b for b in POOL if "n" in store.box(b).snapshots]
+    assert taken in ([], POOL), f"a batch is all or nothing: {len(taken)} of {len(POOL)} snapshots"
+    for i in SAMPLE:
+        live = _box(store, POOL[i]) / "disk.qcow2"
+        assert_reads(qemu, live, 0x40 + i, 3 * MIB)
+        assert_base_data(qemu, live, OS_DATA)
+        if taken:
+            assert_reads(qemu, _box(store, POOL[i]) / "snapshots/n/disk.qcow2", 0x40 + i, 3 * MIB)
+
+
 def read_backing(path: Path) -> str | None:
     return read_backing_file_path(path)
 
@@ -226,6 +261,22 @@ SCENARIOS = {
                            lambda s: "imp" in s.list_boxes()),
     "add_base": Scenario(_setup_import, "add_base", ("IMPORT", "b2"), _check_add_base,
                          lambda s: "b2" in s.list_bases(), {"backing_format": "qcow2"}),
+    "create_boxes": Scenario(_setup_vm, "create_boxes", (POOL,), _check_pool,
+                             lambda s: "p00" in s.list_boxes(), {"base": "os"}),
+    "snapshot_boxes": Scenario(_setup_pool, "snapshot_boxes", (POOL, "n"), _check_pool_snapshot,
+                               lambda s: "n" in s.box("p00").snapshots),
+    # The same protocols with an fsync per file (sync="fsync") and without O_TMPFILE.
+    "snapshot-fsync-no-tmpfile": Scenario(_setup_vm, "snapshot", ("vm", "s2"), _check_snapshot,
+                                          lambda s: "s2" in s.box("vm").snapshots,
+                                          store_options={"sync": "fsync", "no_tmpfile": True}),
+    "clone_box-fsync-no-tmpfile": Scenario(_setup_vm, "clone_box", ("vm", "copy"), _check_clone,
+                                           lambda s: "copy" in s.list_boxes(),
+                                           store_options={"sync": "fsync", "no_tmpfile": True}),
+    "create_boxes-fsync-no-tmpfile": Scenario(_setup_vm, "create_boxes", (POOL[:5],),
+                                              lambda q, s, t: _check_pool(q, s, t, POOL[:5]),
+                                              lambda s: "p00" in s.list_boxes(), {"base": "os"},
+                                              store_options={"sync": "fsync",
+                                                             "no_tmpfile": True}),
 }
 
 
@@ -267,7 +318,7 @@ def test_sigkill_at_every_step(qemu, tmp_path: Path, name: str) -> None:
     shutil.copytree(template, trace_root, symlinks=True)
     trace = tmp_path / "trace.txt"
     proc = run_store(trace_root, scenario.op, *args, env={TRACE_ENV: os.fspath(trace)},
-                     **scenario.kwargs)
+                     store_options=scenario.store_options, **scenario.kwargs)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     steps = _steps(trace)
     assert steps and all(s.startswith(f"{scenario.op}:") for s in steps)
@@ -280,7 +331,8 @@ def test_sigkill_at_every_step(qemu, tmp_path: Path, name: str) -> None:
     for i, step in enumerate(steps):
         root = tmp_path / f"crash-{i}"
         shutil.copytree(template, root, symlinks=True)
-        proc = run_store(root, scenario.op, *args, env={CRASH_ENV: step}, **scenario.kwargs)
+        proc = run_store(root, scenario.op, *args, env={CRASH_ENV: step},
+                         store_options=scenario.store_options, **scenario.kwargs)
         assert proc.returncode == -signal.SIGKILL, (step, proc.returncode, proc.stdout,
                                                     proc.stderr)
         assert os.listdir(root / ".boxdisk" / "journal"), f"{step}: no intent was recorded"
