@@ -112,8 +112,16 @@ def _base_ls(args: argparse.Namespace) -> int:
 def _box_create(args: argparse.Namespace) -> int:
     size = None if args.size is None else parse_size(args.size)
     with _open(args) as store:
-        box = store.create_box(args.box, base=args.base, size=size, guest_base=args.guest_base)
-        _print(args, _box_dict(store, box), lambda: print(_rel(store, box.disk)))
+        if len(args.box) == 1:
+            box = store.create_box(args.box[0], base=args.base, size=size,
+                                   guest_base=args.guest_base)
+            _print(args, _box_dict(store, box), lambda: print(_rel(store, box.disk)))
+            return 0
+        # Several: one operation (create_boxes), all of them or none.
+        boxes = store.create_boxes(args.box, base=args.base, size=size,
+                                   guest_base=args.guest_base)
+        _print(args, [_box_dict(store, b) for b in boxes],
+               lambda: print("\n".join(_rel(store, b.disk) for b in boxes)))
     return 0
 
 
@@ -354,11 +362,12 @@ def add_store_commands(sub: Any) -> None:
 
     box = cmds.add_parser("box", help="boxes and their live disks")
     xcmds = box.add_subparsers(dest="box_command", metavar="COMMAND", required=True)
-    p = xcmds.add_parser("create", help="create a box (a COW child of a base)")
+    p = xcmds.add_parser("create", help="create a box (a COW child of a base); several boxes "
+                         "are made in one all-or-nothing operation")
     p.add_argument("--base", metavar="NAME")
     p.add_argument("--guest-base", metavar="NAME", help="also a guest-rootfs disk over NAME")
     p.add_argument("--size", metavar="SIZE", help="e.g. 10G (default: the base's)")
-    p.add_argument("box", metavar="BOX")
+    p.add_argument("box", metavar="BOX", nargs="+")
     p.set_defaults(func=_box_create)
     p = xcmds.add_parser("ls", help="list the boxes")
     p.set_defaults(func=_box_ls)

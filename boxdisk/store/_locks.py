@@ -234,6 +234,11 @@ class StoreLocks:
         """How many lock files this process has open now."""
         return sum(1 for v in self._locks.values() if v.fd is not None)
 
+    def __del__(self) -> None:
+        # A store dropped without close() must not keep its lock files open for ever.
+        with contextlib.suppress(Exception):
+            self.close()
+
     def close(self) -> None:
         """Close every lock file (none may be held)."""
         with self._guard:

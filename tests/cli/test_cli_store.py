@@ -75,6 +75,19 @@ def test_box_snapshot_clone_restore_export(qemu: Qemu, root: Path, tmp_path: Pat
     assert verify["ok"] and verify["boxes"] == 2
 
 
+def test_several_boxes_are_created_in_one_operation(qemu: Qemu, root: Path) -> None:
+    paths = ok(store(root, "box", "create", "--base", "os", "p1", "p2", "p3")).split()
+    assert paths == [f"boxes/p{i}/disk.qcow2" for i in (1, 2, 3)]
+    for p in paths:
+        qemu.io("-c", "read -P 0x11 0 1M", root / p)  # the base's data shows through
+    listed = json.loads(ok(store(root, "box", "create", "--base", "os", "q1", "q2",
+                                 output="json")))
+    assert [b["id"] for b in listed] == ["q1", "q2"]
+    proc = store(root, "box", "create", "--base", "os", "r1", "p2")
+    assert proc.returncode == 1 and "'p2'" in proc.stderr  # refused whole
+    assert "r1" not in ok(store(root, "box", "ls"))
+
+
 def test_removal_guard_from_the_command_line(qemu: Qemu, root: Path) -> None:
     ok(store(root, "box", "create", "--base", "os", "vm1"))
     disk = root / "boxes" / "vm1" / "disk.qcow2"
