@@ -78,9 +78,10 @@ def _ofd(fd: int, cmd: int, lock_type: int, start: int, length: int = 1) -> int:
     return int(_FLOCK.unpack(out)[0])
 
 
-def _held_by_other(fd: int, byte: int) -> bool:
-    # An exclusive-lock probe conflicts with a shared lock any other open file holds.
-    return _ofd(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, byte) != fcntl.F_UNLCK
+def _held_by_other(fd: int, byte: int, length: int = 1) -> bool:
+    # An exclusive-lock probe conflicts with a shared lock any other open file holds on
+    # any byte of the range.
+    return _ofd(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, byte, length) != fcntl.F_UNLCK
 
 
 def lock_for_write(fd: int, path: str) -> None:
@@ -130,8 +131,8 @@ def _unlock_all(fd: int) -> None:
         _ofd(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, _PERM_BASE, _SHARED_BASE + 100 - _PERM_BASE)
 
 
-def _probe(path: str | os.PathLike[str], offsets: Iterable[int]) -> bool:
-    """Whether another open file holds any of the lock bytes ``offsets`` of ``path``.
+def _probe(path: str | os.PathLike[str], ranges: Iterable[tuple[int, int]]) -> bool:
+    """Whether another open file holds a lock on any byte of the ``(start, length)`` ranges.
 
     A missing file holds none.
     """
@@ -143,7 +144,7 @@ def _probe(path: str | os.PathLike[str], offsets: Iterable[int]) -> bool:
         msg = f"cannot open image to probe its locks: {exc.strerror}"
         raise ImageIOError(msg, path=path, field="lock") from None
     try:
-        return any(_held_by_other(fd, offset) for offset in offsets)
+        return any(_held_by_other(fd, start, length) for start, length in ranges)
     except OSError as exc:
         msg = f"cannot probe the image's locks: {exc.strerror}"
         raise ImageIOError(msg, path=path, field="lock") from None
@@ -158,8 +159,9 @@ def image_in_use(path: str | os.PathLike[str]) -> bool:
     read-only holds 100 and 201, and that base must not be rewritten either.
     A missing file is not in use.
     """
-    return _probe(as_path(path, "path"), (base + perm for base in (_PERM_BASE, _SHARED_BASE)
-                         for perm in _ALL_PERMS))
+    # One probe per range of four bytes: a lock on any of them is found.
+    return _probe(as_path(path, "path"), ((base, len(_ALL_PERMS))
+                                          for base in (_PERM_BASE, _SHARED_BASE)))
 
 
 def ensure_not_in_use(path: str | os.PathLike[str], action: str) -> None:
@@ -175,7 +177,7 @@ def being_written(path: str | os.PathLike[str]) -> bool:
     Readers of a base (bytes 100 and 201) do not count: reading alongside them
     is safe. A missing file is not being written.
     """
-    return _probe(path, (_PERM_BASE + PERM_WRITE,))
+    return _probe(path, ((_PERM_BASE + PERM_WRITE, 1),))
 
 
 def ensure_consistent_read(paths: Iterable[str | os.PathLike[str]], action: str) -> None:
