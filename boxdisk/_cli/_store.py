@@ -121,7 +121,7 @@ def _box_create(args: argparse.Namespace) -> int:
         boxes = store.create_boxes(args.box, base=args.base, size=size,
                                    guest_base=args.guest_base)
         _print(args, [_box_dict(store, b) for b in boxes],
-               lambda: print("\n".join(_rel(store, b.disk) for b in boxes)))
+               lambda: print("\n".join(str(_rel(store, b.disk)) for b in boxes)))
     return 0
 
 
