@@ -64,19 +64,23 @@ QEMU_IMG = shutil.which("qemu-img") or "qemu-img"
 QEMU_IO = shutil.which("qemu-io") or "qemu-io"
 #: Step boundaries of the store (its ``crashpoint`` calls) a worker may be killed at.
 STEPS = [
-    "create_box:recorded", "create_box:staged", "create_box:committed",
-    "import_box:recorded", "import_box:staged", "import_box:committed",
-    "snapshot:recorded", "snapshot:staged", "snapshot:linked", "snapshot:children",
+    "create_box:recorded", "create_box:staged", "create_box:synced", "create_box:committed",
+    "create_boxes:recorded", "create_boxes:staged", "create_boxes:synced",
+    "create_boxes:renamed:first", "create_boxes:committed",
+    "import_box:recorded", "import_box:staged", "import_box:synced", "import_box:committed",
+    "snapshot:recorded", "snapshot:staged", "snapshot:synced", "snapshot:published",
     "snapshot:renamed:disk.qcow2", "snapshot:swapped:disk.qcow2",
-    "snapshot:swapped:guest-rootfs.qcow2", "snapshot:sealed",
-    "restore:recorded", "restore:children", "restore:swapped:disk.qcow2",
-    "restore:swapped:guest-rootfs.qcow2",
-    "clone_box:recorded", "clone_box:staged", "clone_box:frozen", "clone_box:children",
+    "snapshot:swapped:guest-rootfs.qcow2", "snapshot:sealed", "snapshot:committed",
+    "snapshot_boxes:recorded", "snapshot_boxes:staged", "snapshot_boxes:synced",
+    "snapshot_boxes:published", "snapshot_boxes:swapped:disk.qcow2", "snapshot_boxes:committed",
+    "restore:recorded", "restore:children", "restore:synced", "restore:swapped:disk.qcow2",
+    "restore:swapped:guest-rootfs.qcow2", "restore:committed",
+    "clone_box:recorded", "clone_box:frozen", "clone_box:children", "clone_box:synced",
     "clone_box:renamed:disk.qcow2", "clone_box:swapped:disk.qcow2",
-    "clone_box:published", "clone_box:sealed",
+    "clone_box:published", "clone_box:sealed", "clone_box:committed",
     "remove_snapshot:recorded", "remove_snapshot:rebased:0", "remove_snapshot:moved",
-    "remove_snapshot:removed",
-    "remove_box:recorded", "remove_box:moved", "remove_box:removed",
+    "remove_snapshot:synced", "remove_snapshot:removed",
+    "remove_box:recorded", "remove_box:moved", "remove_box:synced", "remove_box:removed",
 ]
 OS_PATTERN = {i: 0x10 + i % 7 for i in range(0, NBLK, 37)}
 RAW_PATTERN = {i: 0x70 + i % 5 for i in range(3, NBLK, 53)}
@@ -133,13 +137,20 @@ class Worker:
             return self._create()
         kinds = ["write"] * 9 + ["create", "snapshot", "snapshot", "snapshot", "restore",
                                  "restore", "clone", "clone", "rmsnap", "rmsnap", "rmsnap",
-                                 "rmbox", "export", "export", "import", "gc", "verify"]
+                                 "rmbox", "export", "export", "import", "gc", "verify",
+                                 "create_many", "snapshot_many"]
         kind = rng.choice(kinds)
         box = rng.choice(boxes)
         snaps = sorted(self.m["boxes"][box]["snaps"])
         full = len(boxes) >= MAX_BOXES
         if kind == "create" and not full:
             return self._create()
+        if kind == "create_many" and len(boxes) + 3 <= MAX_BOXES:
+            return {"op": "create_many", "boxes": [self._name("b") for _ in range(3)]}
+        if kind == "snapshot_many":
+            few = [b for b in boxes if len(self.m["boxes"][b]["snaps"]) < 4]
+            if few:
+                return {"op": "snapshot_many", "snap": self._name("s"), "boxes": few}
         if kind == "snapshot" and len(snaps) < 4:
             return {"op": "snapshot", "box": box, "snap": self._name("s")}
         if kind == "restore" and snaps:
@@ -209,10 +220,21 @@ class Worker:
             else:
                 s.create_box(op["box"], size=SIZE)
                 boxes[op["box"]] = {"disks": {"disk.qcow2": [0] * NBLK}, "snaps": {}}
+        elif kind == "create_many":
+            s.create_boxes(op["boxes"], base="os", guest_base="raw")
+            for new in op["boxes"]:
+                boxes[new] = {"disks": {"disk.qcow2": _pattern(OS_PATTERN),
+                                        "guest-rootfs.qcow2": _pattern(RAW_PATTERN)},
+                              "snaps": {}}
         elif kind == "snapshot":
             s.snapshot(op["box"], op["snap"])
             b = boxes[op["box"]]
             b["snaps"][op["snap"]] = copy.deepcopy(b["disks"])
+        elif kind == "snapshot_many":
+            s.snapshot_boxes(op["boxes"], op["snap"])
+            for box in op["boxes"]:
+                b = boxes[box]
+                b["snaps"][op["snap"]] = copy.deepcopy(b["disks"])
         elif kind == "restore":
             s.restore(op["box"], op["snap"])
             b = boxes[op["box"]]
@@ -494,9 +516,24 @@ class Controller:
                     else:
                         disks = {"disk.qcow2": list(m["exports"][op["file"]])}
                     boxes[new] = {"disks": disks, "snaps": {}}
+            elif kind == "create_many":
+                made = [b for b in op["boxes"] if b in present]
+                if made and made != op["boxes"]:
+                    self.f.loss(f"worker {w}: a batch made {made} of {op['boxes']}")
+                for new in made:
+                    boxes[new] = {"disks": {"disk.qcow2": _pattern(OS_PATTERN),
+                                            "guest-rootfs.qcow2": _pattern(RAW_PATTERN)},
+                                  "snaps": {}}
             elif kind == "snapshot":
                 if op["snap"] in store.box(op["box"]).snapshots:
                     b = boxes[op["box"]]
+                    b["snaps"][op["snap"]] = copy.deepcopy(b["disks"])
+            elif kind == "snapshot_many":
+                taken = [b for b in op["boxes"] if op["snap"] in store.box(b).snapshots]
+                if taken and taken != op["boxes"]:
+                    self.f.loss(f"worker {w}: a batch snapshotted {taken} of {op['boxes']}")
+                for box in taken:
+                    b = boxes[box]
                     b["snaps"][op["snap"]] = copy.deepcopy(b["disks"])
             elif kind == "restore":
                 b = boxes[op["box"]]
