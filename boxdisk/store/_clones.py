@@ -74,7 +74,7 @@ def clone_box(ctx: StoreContext, src_id: str, dst_id: str) -> Box:
             crashpoint("clone_box", "frozen")
             paths: list[Path] = [*ctx.journal.durable_paths(record)]
             for e in entries:
-                write_child(cdir / e["disk"], dstage / e["disk"], e["size"])
+                write_child(cdir / e["disk"], dstage / e["disk"], e["size"], staged=True)
                 write_child(cdir / e["disk"], lay.abs(e["child"]), e["size"])
                 paths += [cdir / e["disk"], dstage / e["disk"], lay.abs(e["child"])]
             paths += [cdir / CLONE_META, cdir, lay.clones, dstage / BOX_META, dstage, lay.boxes,

@@ -181,6 +181,11 @@ class StoreContext:
         ordered = sorted(set(keys))
         what = f"{op} (settling {len(ordered)} claims)"
         for key in ordered:
+            # Every operation opens (creates) its lock file before it looks at the journal:
+            # a key whose lock file does not exist now was never taken, and whoever takes
+            # it from now on sees the record (published before this look).
+            if not os.path.exists(self.locks.path(key)):
+                continue
             with self.locks.hold((key,), what, note=False):
                 pass
         # Whoever held a key before our record appeared is done now, or dead with its

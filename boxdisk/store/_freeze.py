@@ -21,7 +21,7 @@ from typing import Any
 from boxdisk.qcow2 import BackingFormat, plan_disk, read_header, rewrite_backing_reference
 
 from ._core import StoreContext
-from ._fs import link_new_file, remove_tree
+from ._fs import link_new_file, remove_tree, write_file
 from ._journal import crashpoint
 
 __all__ = [
@@ -52,17 +52,19 @@ def _inode(path: Path) -> list[int] | None:
     return [st.st_dev, st.st_ino]
 
 
-def write_child(over: Path, child: Path, size: int, *, name: str | None = None) -> None:
+def write_child(over: Path, child: Path, size: int, *, name: str | None = None,
+                staged: bool = False) -> None:
     """Write an empty qcow2 child of ``over`` (virtual ``size``) at ``child``; not synced.
 
-    The child appears complete or not at all. Its backing name is ``over``
-    relative to the child's directory, or ``name`` when ``over`` is about to
-    be renamed to it.
+    The child appears complete or not at all (``staged``: it goes into a
+    staging directory no reader looks into, written in place). Its backing
+    name is ``over`` relative to the child's directory, or ``name`` when
+    ``over`` is about to be renamed to it.
     """
     if name is None:
         name = os.path.relpath(over, child.parent)
     plan = plan_disk(size, backing_name=name, backing_format=BackingFormat.QCOW2)
-    link_new_file(child, plan.writes, plan.file_size)
+    (write_file if staged else link_new_file)(child, plan.writes, plan.file_size)
 
 
 def freeze_plan(ctx: StoreContext, live_dir: Path, frozen_dir: Path, disks: list[str],

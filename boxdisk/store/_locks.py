@@ -77,6 +77,10 @@ class StoreLocks:
 
     # -- the lock objects ------------------------------------------------------
 
+    def path(self, key: str) -> str:
+        """The lock file of ``key``."""
+        return self._path(key)
+
     def _path(self, key: str) -> str:
         if key == STORE_KEY:
             return os.fspath(self._layout.store_lock)
