@@ -32,7 +32,10 @@ Targets (issue 13), on ext4 at 1,000 boxes, medians: create_box, snapshot and
 restore <= 3 durable calls and <= 1.5 ms; clone_box <= 4 and <= 2 ms;
 create_boxes <= 0.3 ms per box. (Issue 5: scan of 10,000 images < 1 s; a guard
 decision < 10 ms.) ``--dir /dev/shm`` shows the Python cost alone;
-``--sync fsync`` the store with an fsync per file and directory.
+``--sync fsync`` the store with an fsync per file and directory. On the
+development VM ``/tmp`` (the default) is itself slower for these operations
+than other directories of the same file system (see docs/performance.md):
+``--dir /var/tmp`` measures the file system rather than that directory.
 
     python benchmarks/store.py [-n 200] [--boxes 1000] [--images 10000] [--dir DIR]
                                [--sync auto|fsync]
