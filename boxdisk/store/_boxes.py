@@ -10,8 +10,10 @@ the renames of a batch that had begun them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +49,8 @@ __all__ = [
     "create_box",
     "create_boxes",
     "import_box",
-    "recover_add_base",
     "recover_create_boxes",
-    "recover_staged_box",
+    "recover_staged",
 ]
 
 log = get_logger(__name__)
@@ -85,49 +86,68 @@ def check_standalone(path: Path, *, source: Path) -> int:
 # -- bases -----------------------------------------------------------------------------------
 
 
+# -- the shape all three share: stage, barrier, publish ------------------------------------
+
+
+@contextlib.contextmanager
+def _published(ctx: StoreContext, op: str, key: str, final: Path, what: str,
+               field: str, value: str, data: dict[str, Any]) -> Iterator[tuple[Path, list[Path]]]:
+    """Stage a new directory for the block, then make it durable and publish it as ``final``.
+
+    The block gets the stage (already made) and a list it fills with the files
+    it wrote; then one barrier (those files and the stage), the rename, and an
+    fsync of the parent: the two durable calls of ``docs/store.md``. ``final``
+    taken is :class:`AlreadyExistsError` naming ``what``.
+    """
+    lay = ctx.layout
+    parent = final.parent
+    with ctx.operation(op, (key,)):
+        if os.path.lexists(final):
+            msg = f"{what} {value!r} already exists"
+            raise AlreadyExistsError(msg, path=final, field=field, value=value)
+        opid = new_opid()
+        stage = parent / f".stage-{opid}"
+        with ctx.intent(op, (key,), {**data, "stage": lay.rel(stage)}, opid):
+            crashpoint(op, "recorded")
+            os.mkdir(stage)
+            written: list[Path] = []
+            yield stage, written
+            crashpoint(op, "staged")
+            ctx.barrier([*written, stage])  # durable call 1
+            crashpoint(op, "synced")
+            os.rename(stage, final)
+            fsync_dir(parent)  # durable call 2
+            crashpoint(op, "committed")
+
+
+def recover_staged(ctx: StoreContext, record: Record) -> None:
+    """The rename of the stage is the commit: a leftover stage was never one."""
+    remove_tree(ctx.layout.abs(record.data["stage"]))
+
+
 def add_base(ctx: StoreContext, src: Path, name: str, fmt: BackingFormat, *,
              link: bool) -> Path:
     """Copy (or hard-link) ``src`` into the store as base ``name``; its image path."""
     start = time.perf_counter()
-    key = base_key(name)
-    lay = ctx.layout
-    with ctx.operation("add_base", (key,)):
-        final = lay.base_dir(name)
-        if os.path.lexists(final):
-            msg = f"base {name!r} already exists"
-            raise AlreadyExistsError(msg, path=final, field="base", value=name)
-        opid = new_opid()
-        stage = lay.bases / f".stage-{opid}"
-        data = {"name": name, "stage": lay.rel(stage)}
-        with ctx.intent("add_base", (key,), data, opid):
-            crashpoint("add_base", "recorded")
-            stage.mkdir()
-            target = stage / f"disk.{fmt.value}"
-            if link:
-                os.link(src, target)
-            else:
-                copy_sparse(src, target)
-            size = target.stat().st_size
-            if fmt is BackingFormat.QCOW2:
-                size = check_standalone(target, source=src)
-            write_file(stage / BASE_META, dump_json({
-                "name": name, "format": fmt.value, "created": time.time(),
-                "source": os.fspath(src), "size": size, "linked": link}))
-            if not link:
-                make_read_only(target)
-            crashpoint("add_base", "staged")
-            ctx.barrier((target, stage / BASE_META, stage))
-            crashpoint("add_base", "synced")
-            os.rename(stage, final)
-            fsync_dir(lay.bases)
-            crashpoint("add_base", "committed")
+    final = ctx.layout.base_dir(name)
+    with _published(ctx, "add_base", base_key(name), final, "base", "base", name,
+                    {"name": name}) as (stage, written):
+        target = stage / f"disk.{fmt.value}"
+        if link:
+            os.link(src, target)
+        else:
+            copy_sparse(src, target)
+        size = target.stat().st_size
+        if fmt is BackingFormat.QCOW2:
+            size = check_standalone(target, source=src)
+        write_file(stage / BASE_META, dump_json({
+            "name": name, "format": fmt.value, "created": time.time(),
+            "source": os.fspath(src), "size": size, "linked": link}))
+        if not link:
+            make_read_only(target)
+        written.extend([target, stage / BASE_META])
     log.info("base_added", name=name, format=fmt.value, size=size, linked=link, ms=ms(start))
     return final / f"disk.{fmt.value}"
-
-
-def recover_add_base(ctx: StoreContext, record: Record) -> None:
-    """The rename of the stage is the commit: a leftover stage was never one."""
-    remove_tree(ctx.layout.abs(record.data["stage"]))
 
 
 # -- boxes -----------------------------------------------------------------------------------
@@ -178,14 +198,13 @@ class _Planner:
 
 def _stage_box(planner: _Planner, stage: Path, spec: BoxSpec,
                meta: dict[str, Any]) -> tuple[list[Path], int, int | None]:
-    """Write a box into ``stage``; the paths a barrier must cover, and the disks' sizes."""
-    os.mkdir(stage)
+    """Write a box into the (new, empty) ``stage``; the files written, and the disks' sizes."""
     os.mkdir(stage / "snapshots")
     box_json, disk = stage / BOX_META, stage / CONTAINER_DISK
     write_file(box_json, dump_json(meta))
     plan = planner.plan(spec.base, spec.size, CONTAINER_DISK, stage)
     write_file(disk, plan.writes, plan.file_size)
-    paths = [box_json, disk, stage]
+    paths = [box_json, disk]
     guest_size = None
     if spec.guest_base is not None:
         guest = planner.plan(spec.guest_base, None, DISK_NAMES[1], stage)
@@ -216,38 +235,19 @@ def create_box(ctx: StoreContext, box_id: str, *, base: str | None, size: int | 
                guest_base: str | None) -> Box:
     """Create one box (arguments already checked)."""
     start = time.perf_counter()
-    key = box_key(box_id)
-    lay = ctx.layout
     spec = BoxSpec(box_id, base, size, guest_base)
-    with ctx.operation("create_box", (key,)):
-        final = lay.box_dir(box_id)
-        if os.path.lexists(final):
-            msg = f"box {box_id!r} already exists"
-            raise AlreadyExistsError(msg, path=final, field="box_id", value=box_id)
-        planner = _Planner(ctx)
-        for b in (base, guest_base):
-            if b is not None:
-                ctx.base_image(b)
-        opid = new_opid()
-        stage = lay.boxes / f".stage-{opid}"
-        meta = _meta(spec)
-        with ctx.intent("create_box", (key,), {"box": box_id, "stage": lay.rel(stage)}, opid):
-            crashpoint("create_box", "recorded")
-            paths, disk_size, guest_size = _stage_box(planner, stage, spec, meta)
-            crashpoint("create_box", "staged")
-            ctx.barrier(paths)  # durable call 1
-            crashpoint("create_box", "synced")
-            os.rename(stage, final)
-            fsync_dir(lay.boxes)  # durable call 2
-            crashpoint("create_box", "committed")
+    for b in (base, guest_base):
+        if b is not None:
+            ctx.base_image(b)  # an unknown base: NotFoundError before anything is written
+    final = ctx.layout.box_dir(box_id)
+    meta = _meta(spec)
+    with _published(ctx, "create_box", box_key(box_id), final, "box", "box_id", box_id,
+                    {"box": box_id}) as (stage, written):
+        paths, disk_size, guest_size = _stage_box(_Planner(ctx), stage, spec, meta)
+        written.extend(paths)
     box = _box(final, spec, meta, disk_size, guest_size)
     log.info("box_created", box=box_id, base=base, guest_base=guest_base, ms=ms(start))
     return box
-
-
-def recover_staged_box(ctx: StoreContext, record: Record) -> None:
-    """The rename of the staging directory is the commit: a leftover stage was never one."""
-    remove_tree(ctx.layout.abs(record.data["stage"]))
 
 
 def create_boxes(ctx: StoreContext, specs: list[BoxSpec]) -> list[Box]:
@@ -279,8 +279,9 @@ def create_boxes(ctx: StoreContext, specs: list[BoxSpec]) -> list[Box]:
             made = []
             for spec, stage in zip(specs, stages, strict=True):
                 meta = _meta(spec)
+                os.mkdir(stage)
                 staged, size, guest_size = _stage_box(planner, stage, spec, meta)
-                paths += staged
+                paths += [*staged, stage]
                 made.append((spec, meta, size, guest_size))
             crashpoint("create_boxes", "staged")
             ctx.barrier(paths)  # durable call 1, whatever the number of boxes
@@ -325,28 +326,14 @@ def recover_create_boxes(ctx: StoreContext, record: Record) -> None:
 def import_box(ctx: StoreContext, box_id: str, src: Path, fmt: str) -> Box:
     """Make the standalone image ``src`` (checked by the caller) the new box ``box_id``."""
     start = time.perf_counter()
-    key = box_key(box_id)
-    lay = ctx.layout
-    with ctx.operation("import_box", (key,)):
-        final = lay.box_dir(box_id)
-        if os.path.lexists(final):
-            msg = f"box {box_id!r} already exists"
-            raise AlreadyExistsError(msg, path=final, field="box_id", value=box_id)
-        opid = new_opid()
-        stage = lay.boxes / f".stage-{opid}"
-        meta = {"id": box_id, "created": time.time(), "base": None, "guest_base": None,
-                "clone_of": None, "imported_from": os.fspath(src)}
-        with ctx.intent("import_box", (key,), {"box": box_id, "stage": lay.rel(stage)}, opid):
-            crashpoint("import_box", "recorded")
-            stage.mkdir()
-            (stage / "snapshots").mkdir()
-            write_file(stage / BOX_META, dump_json(meta))
-            flatten(src, stage / CONTAINER_DISK, src_format=fmt)
-            crashpoint("import_box", "staged")
-            ctx.barrier((stage / BOX_META, stage / CONTAINER_DISK, stage))
-            crashpoint("import_box", "synced")
-            os.rename(stage, final)
-            fsync_dir(lay.boxes)
-            crashpoint("import_box", "committed")
+    final = ctx.layout.box_dir(box_id)
+    meta = {"id": box_id, "created": time.time(), "base": None, "guest_base": None,
+            "clone_of": None, "imported_from": os.fspath(src)}
+    with _published(ctx, "import_box", box_key(box_id), final, "box", "box_id", box_id,
+                    {"box": box_id}) as (stage, written):
+        os.mkdir(stage / "snapshots")
+        write_file(stage / BOX_META, dump_json(meta))
+        flatten(src, stage / CONTAINER_DISK, src_format=fmt)
+        written.extend([stage / BOX_META, stage / CONTAINER_DISK])
     log.info("box_imported", box=box_id, image=os.fspath(src), ms=ms(start))
     return box_value(ctx, box_id, final, meta)

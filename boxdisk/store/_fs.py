@@ -43,7 +43,6 @@ __all__ = [
     "read_json",
     "remove_tree",
     "write_file",
-    "write_new_file",
 ]
 
 #: Metadata files are small; a larger one is damage, not data.
@@ -206,18 +205,21 @@ def _fill(fd: int, writes: tuple[tuple[int, bytes], ...], size: int | None) -> N
 
 
 def write_file(path: Path, data: bytes | tuple[tuple[int, bytes], ...],
-               size: int | None = None) -> None:
-    """Create ``path`` (never over an existing file) holding ``data``; not synced.
+               size: int | None = None, *, sync: bool = False) -> None:
+    """Create ``path`` (never over an existing file) holding ``data``; synced only if asked.
 
     For files inside a staging directory, which no reader looks into: a crash
     leaves at most a partial file there, removed with the stage. ``data`` is
-    bytes, or (offset, bytes) writes of a file ``size`` bytes long.
+    bytes, or (offset, bytes) writes of a file ``size`` bytes long. On an
+    error the file is removed again.
     """
     writes = ((0, data),) if isinstance(data, bytes) else data
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         with _naming(path):
             _fill(fd, writes, size)
+        if sync:
+            durable("fsync", fd, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
@@ -282,25 +284,6 @@ def _link_anonymous(path: Path, writes: tuple[tuple[int, bytes], ...],
     finally:
         os.close(dir_fd)
     return True
-
-
-def write_new_file(path: Path, data: bytes) -> None:
-    """Create ``path`` (never over an existing file) holding ``data``, fsynced.
-
-    The directory is not fsynced: callers fsync it once after all its new entries.
-    On an error the file is removed again.
-    """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    try:
-        with _naming(path):
-            _write_all(fd, data)
-        durable("fsync", fd, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        raise
-    finally:
-        os.close(fd)
 
 
 def dump_json(value: Any) -> bytes:

@@ -9,7 +9,7 @@ import time
 from boxdisk._errors import StoreError, StoreFormatError
 from boxdisk._log import get_logger
 
-from ._fs import dump_json, fsync_dir, read_json, remove_tree, write_new_file
+from ._fs import dump_json, fsync_dir, read_json, remove_tree, write_file
 from ._journal import new_opid
 from ._layout import FORMAT_NAME, FORMAT_VERSION, META_DIR, Layout
 
@@ -51,8 +51,9 @@ def _create_layout(lay: Layout) -> None:
         staging.mkdir()
         for name in ("journal", "locks", "trash"):
             (staging / name).mkdir()
-        write_new_file(staging / "store.json", dump_json(
-            {"format": FORMAT_NAME, "version": FORMAT_VERSION, "created": time.time()}))
+        write_file(staging / "store.json", dump_json(
+            {"format": FORMAT_NAME, "version": FORMAT_VERSION, "created": time.time()}),
+            sync=True)
         fsync_dir(staging)
         try:
             os.rename(staging, lay.meta)  # atomic: another creator may win the race

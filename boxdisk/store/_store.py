@@ -76,10 +76,10 @@ log = get_logger(__name__)
 
 #: Which module recovers each journaled operation.
 _RECOVERY = {
-    "create_box": _boxes.recover_staged_box,
+    "create_box": _boxes.recover_staged,
     "create_boxes": _boxes.recover_create_boxes,
-    "import_box": _boxes.recover_staged_box,
-    "add_base": _boxes.recover_add_base,
+    "import_box": _boxes.recover_staged,
+    "add_base": _boxes.recover_staged,
     "snapshot": _snapshots.recover_snapshot,
     "snapshot_boxes": _snapshots.recover_snapshot_boxes,
     "restore": _snapshots.recover_restore,
