@@ -7,11 +7,13 @@
       .boxdisk/store.lock               the store-wide lock (short structural changes)
       .boxdisk/locks/KEY.lock           per-box (and per-base) locks, holder info inside
       .boxdisk/journal/OPID.KEYS.json   intent of an operation in flight
+      .boxdisk/journal/OPID.KEY.batch.json  a batch's, listing the boxes it claims
       .boxdisk/trash/OPID*              what a removal has taken out, until it is deleted
       bases/NAME/disk.{qcow2,raw}       read-only base images, with base.json
       boxes/ID/disk.qcow2               the box's live container disk
       boxes/ID/guest-rootfs.qcow2       its optional second (guest) disk
       boxes/ID/box.json                 the box's metadata
+      boxes/ID/snapshots/               made with the box
       boxes/ID/snapshots/NAME/          an immutable snapshot: the disks, snapshot.json
       clones/CID/                       an immutable clone base: the disks, clone.json
 

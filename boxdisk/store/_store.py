@@ -5,15 +5,18 @@ argument before any file is touched, and hands each call to the module that
 owns its rules:
 
 ==================  ===================================================
-``_boxes``          add_base, create_box, import_box
-``_snapshots``      snapshot, restore
+``_boxes``          add_base, create_box, create_boxes, import_box
+``_snapshots``      snapshot, snapshot_boxes, restore
 ``_clones``         clone_box, export_box
 ``_removal``        remove_snapshot, remove_box, gc
 ``_queries``        list_boxes, box, snapshots, images, graph
 ``_verify``         verify
 ``_recovery``       finishing or undoing what a crashed process left
+``_specs``          a batch's arguments, checked before any file is touched
+``_opening``        creating and checking the layout
 ``_core``           locks, intents and lookups every operation shares
-``_fs``             the store's own durable file writes
+``_freeze``         what snapshot and clone share
+``_fs``             the store's own file writes and its one durable-call seam
 ==================  ===================================================
 
 Every operation is all-or-nothing across processes and crashes:
@@ -22,9 +25,10 @@ Every operation is all-or-nothing across processes and crashes:
   the store-wide lock only around the steps that link, rename, create or
   delete images (so ``gc``, ``verify`` and the removal guard, which scan under
   that lock, never see half a step);
-- it records its intent in the journal before its first step, and each step is
-  an atomic create, link, rename or one-write header change followed by the
-  fsyncs that make it durable;
+- it publishes its intent in the journal before its first step, writes what a
+  step needs without syncing, and makes it durable with one barrier (one
+  ``syncfs``, or an fsync per file): two durable calls per operation, listed
+  step by step in ``docs/store.md``;
 - whoever next takes one of its locks (or opens the store) undoes an
   interrupted operation that had not reached its point of no return, and
   finishes one that had (telling which from the files themselves).
