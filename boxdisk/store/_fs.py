@@ -124,14 +124,13 @@ def _syncfs(fd: int) -> None:
 
 
 def syncfs_reports_errors() -> bool:
-    """Whether this kernel's ``syncfs`` reports write-back errors (Linux 5.8 and later)."""
-    if os.uname().sysname != "Linux":
-        return False
-    try:
-        import ctypes  # noqa: PLC0415
+    """Whether this kernel's ``syncfs`` reports write-back errors (Linux 5.8 and later).
 
-        ctypes.CDLL(None).syncfs  # noqa: B018 - present in this C library?
-    except (OSError, AttributeError):
+    Only the kernel is asked here (opening a store stays cheap); the C
+    library's ``syncfs`` is looked up at the first barrier, and a library
+    without one turns the store to ``fsync`` then.
+    """
+    if os.uname().sysname != "Linux":
         return False
     release = os.uname().release.split(".")
     try:
@@ -173,6 +172,9 @@ class Durability:
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             durable("syncfs", fd, self.root)
+        except AttributeError:  # a C library without syncfs: fsync each path from now on
+            self.mode = "fsync"
+            self.barrier(todo)
         finally:
             os.close(fd)
 
