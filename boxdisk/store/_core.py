@@ -156,7 +156,7 @@ class StoreContext:
         what = f"{op} ({', '.join(sorted(wanted))})"
         for _ in range(16):
             with self.locks.hold(wanted, what):
-                names = [n for n in self.journal.touching(tuple(wanted), skip=own) if n != own]
+                names = self.journal.touching(tuple(wanted), skip=own)
                 records = [r for r in map(self.journal.load, names) if r is not None]
                 need = wanted.union(*(r.keys for r in records))
                 if need == wanted:
@@ -193,10 +193,9 @@ class StoreContext:
         wanted = set(ordered)
         left = set()
         for name in self.journal.touching(tuple(ordered), skip=record.path.name):
-            if name != record.path.name:
-                other = self.journal.load(name)
-                if other is not None:
-                    left |= wanted.intersection((*other.keys, *other.claims))
+            other = self.journal.load(name)
+            if other is not None:
+                left |= wanted.intersection((*other.keys, *other.claims))
         for key in sorted(left):
             with self.operation(op, (key,), own=record.path.name):
                 pass

@@ -30,6 +30,7 @@ __all__ = [
     "freeze_plan",
     "freeze_undo",
     "hidden_with",
+    "inode",
     "moved_name",
     "remove_paths",
     "write_child",
@@ -44,7 +45,8 @@ def moved_name(old: str | None, from_dir: Path, to_dir: Path) -> str | None:
     return os.path.relpath(target, to_dir)
 
 
-def _inode(path: Path) -> list[int] | None:
+def inode(path: Path) -> list[int] | None:
+    """A file's (device, inode) as the journal records it; None when it is missing."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -82,7 +84,7 @@ def freeze_plan(ctx: StoreContext, live_dir: Path, frozen_dir: Path, disks: list
             "disk": d, "old": header.backing_file,
             "new": moved_name(header.backing_file, live_dir, frozen_dir),
             "child": lay.rel(live_dir / f".{d}.{opid}.new"), "size": header.size,
-            "inode": _inode(live_dir / d),
+            "inode": inode(live_dir / d),
         })
     return entries
 
@@ -91,7 +93,7 @@ def freeze_begun(live_dir: Path, frozen_dirs: tuple[Path, ...],
                  entries: list[dict[str, Any]]) -> bool:
     """Whether a freeze passed its point of no return: a name fixed or a live disk swapped."""
     for e in entries:
-        if _inode(live_dir / e["disk"]) != e["inode"]:
+        if inode(live_dir / e["disk"]) != e["inode"]:
             return True
         if e["new"] == e["old"]:
             continue
@@ -129,7 +131,7 @@ def freeze_undo(live_dir: Path, frozen_dir: Path, entries: list[dict[str, Any]])
     """
     for e in entries:
         frozen = frozen_dir / e["disk"]
-        if os.path.lexists(frozen) and _inode(frozen) == _inode(live_dir / e["disk"]):
+        if os.path.lexists(frozen) and inode(frozen) == inode(live_dir / e["disk"]):
             os.unlink(frozen)
     remove_tree(frozen_dir)
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from boxdisk._errors import InvalidArgumentError, StoreError
+from boxdisk._io import pwrite_all
 from boxdisk._locks import create_temp
 
 __all__ = [
@@ -189,19 +190,12 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
-
-
 def _fill(fd: int, writes: tuple[tuple[int, bytes], ...], size: int | None) -> None:
     if len(writes) == 1 and writes[0][0] == 0:
         _write_all(fd, writes[0][1])  # a small file in one piece, from a new descriptor
     else:
         for offset, data in writes:
-            _pwrite_all(fd, data, offset)
+            pwrite_all(fd, data, offset)
     if size is not None:
         os.ftruncate(fd, size)
 
@@ -356,7 +350,7 @@ def copy_sparse(src: Path, dst: Path) -> int:
                     if not data:
                         break
                     with _naming(dst):
-                        _pwrite_all(dfd, data, start)
+                        pwrite_all(dfd, data, start)
                     start += len(data)
                 pos = end
             with _naming(dst):

@@ -156,16 +156,19 @@ class Journal:
         """Names of the records that hold or claim any of ``keys``.
 
         Found by name, nothing read, except batch records (rare: only while a
-        batch runs or after one crashed), whose claims are read.
+        batch runs or after one crashed), whose claims are read. ``skip``, a
+        record's name, is left out (the caller's own).
         """
         hashes = {key_hash(k) for k in keys}
         wanted = set(keys)
         out = []
         for name in self.names():
+            if name == skip:
+                continue
             parts = name.split(".")
             if len(parts) == 3 and hashes.intersection(parts[1].split("+")):
                 out.append(name)
-            elif len(parts) == 4 and parts[2] == _BATCH and name != skip:
+            elif len(parts) == 4 and parts[2] == _BATCH:
                 record = self.load(name)
                 if record is not None and wanted.intersection(record.claims):
                     out.append(name)

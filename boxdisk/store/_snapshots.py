@@ -26,6 +26,7 @@ from ._freeze import (
     freeze_plan,
     freeze_undo,
     hidden_with,
+    inode,
     remove_paths,
     write_child,
 )
@@ -229,7 +230,7 @@ def restore(ctx: StoreContext, box_id: str, name: str) -> None:
             ensure_not_in_use(bdir / d, "restore the box (replacing its live disk)")
         opid = new_opid()
         entries: list[dict[str, Any]] = [{"disk": d, "child": lay.rel(bdir / f".{d}.{opid}.new"),
-                    "inode": _inode(bdir / d),
+                    "inode": inode(bdir / d),
                     "size": read_header(sdir / d).size} for d in disks]
         data = {"box": box_id, "name": name, "disks": entries}
         with ctx.intent("restore", (key,), data, opid) as record:
@@ -244,11 +245,6 @@ def restore(ctx: StoreContext, box_id: str, name: str) -> None:
             fsync_dir(bdir)  # durable call 2
             crashpoint("restore", "committed")
     log.info("box_restored", box=box_id, snapshot=name, ms=ms(start))
-
-
-def _inode(path: Path) -> list[int]:
-    st = os.stat(path)
-    return [st.st_dev, st.st_ino]
 
 
 def _restore_forward(ctx: StoreContext, data: dict[str, Any]) -> None:
@@ -270,12 +266,7 @@ def recover_restore(ctx: StoreContext, record: Record) -> None:
     lay = ctx.layout
     data = record.data
     bdir = lay.box_dir(data["box"])
-    swapped = False
-    for e in data["disks"]:
-        try:
-            swapped |= _inode(bdir / e["disk"]) != e["inode"]
-        except FileNotFoundError:
-            swapped = True
+    swapped = any(inode(bdir / e["disk"]) != e["inode"] for e in data["disks"])
     if swapped or all(lay.abs(e["child"]).exists() for e in data["disks"]):
         _restore_forward(ctx, data)
         fsync_dir(bdir)
