@@ -317,13 +317,13 @@ def create_disk(
     start = time.perf_counter()
     target = Path(as_path(path, "path"))
     _check_persistent(persistent)
-    size = _round_size(size)
-    layout = plan_new_image(size, cluster_bits=_cluster_bits(cluster_size))
+    plan = plan_disk(size, cluster_size=cluster_size)
+    size = plan.size
     _make_parent(target)
     if os.path.lexists(target):
         return _existing(target, size=size, backing=None, backing_format=None)
     try:
-        created = _write_new_image(target, layout.writes, layout.file_size)
+        created = _write_new_image(target, plan.writes, plan.file_size)
     except OSError as exc:
         raise _io_error(target, "cannot create disk", exc) from None
     if not created:
@@ -359,12 +359,14 @@ class ImagePlan:
     """The bytes of a new, empty image, not yet written: for a writer of its own (the store).
 
     ``writes`` are (offset, bytes) pairs; the file is ``file_size`` bytes long
-    (the rest is holes); ``size`` is the virtual size.
+    (the rest is holes); ``size`` is the virtual size; ``backing_name`` the
+    backing file named in the header (None for a standalone image).
     """
 
     size: int
     writes: tuple[tuple[int, bytes], ...]
     file_size: int
+    backing_name: str | None = None
 
 
 def plan_disk(size: int = DEFAULT_DISK_SIZE, *, cluster_size: int = DEFAULT_CLUSTER_SIZE,
@@ -383,7 +385,7 @@ def plan_disk(size: int = DEFAULT_DISK_SIZE, *, cluster_size: int = DEFAULT_CLUS
         raise InvalidArgumentError(msg, field="backing_format", value=backing_format)
     layout = plan_new_image(size, cluster_bits=_cluster_bits(cluster_size),
                             backing_file=backing_name, backing_format=fmt)
-    return ImagePlan(size, layout.writes, layout.file_size)
+    return ImagePlan(size, layout.writes, layout.file_size, backing_name)
 
 
 def plan_child_disk(base_disk: str | os.PathLike[str], backing_format: BackingFormat | str,
@@ -408,7 +410,7 @@ def plan_child_disk(base_disk: str | os.PathLike[str], backing_format: BackingFo
         backing_name = _backing_name(base_real, child, relative)
     layout = plan_new_image(size, cluster_bits=_cluster_bits(cluster_size),
                             backing_file=backing_name, backing_format=fmt.as_str())
-    return ImagePlan(size, layout.writes, layout.file_size)
+    return ImagePlan(size, layout.writes, layout.file_size, backing_name)
 
 
 def create_cow_child_disk(
@@ -439,23 +441,15 @@ def create_cow_child_disk(
     base = Path(as_path(base_disk, "base_disk"))
     child = Path(as_path(child_path, "child_path"))
     _check_persistent(persistent)
-    if virtual_size is not None:
-        as_size(virtual_size, "virtual_size")
-    base_real = os.path.realpath(base)
-    base_size = _base_size(base, base_real, fmt)  # for qcow2 this also checks the base is one
-    size = _round_size(base_size if virtual_size is None else virtual_size, "virtual_size")
+    # Checks the size and the base (for qcow2, that it is one) before anything is made.
+    plan = plan_child_disk(base, fmt, child, virtual_size, relative=relative,
+                           cluster_size=cluster_size)
+    size, name = plan.size, plan.backing_name
     _make_parent(child)
-    name = _backing_name(base_real, child, relative)
-    layout = plan_new_image(
-        size,
-        cluster_bits=_cluster_bits(cluster_size),
-        backing_file=name,
-        backing_format=fmt.as_str(),
-    )
     if os.path.lexists(child):
         return _existing(child, size=size, backing=base, backing_format=fmt.as_str())
     try:
-        created = _write_new_image(child, layout.writes, layout.file_size)
+        created = _write_new_image(child, plan.writes, plan.file_size)
     except OSError as exc:
         raise _io_error(child, "cannot create child disk", exc) from None
     if not created:
