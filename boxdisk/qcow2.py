@@ -11,7 +11,6 @@ complete image, whatever instant a crash hits.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import stat
 import time
@@ -30,7 +29,7 @@ from ._errors import (
     InvalidArgumentError,
 )
 from ._formats import BackingFormat, DiskFormat
-from ._io import pwrite_all
+from ._io import fill, link_anonymous, pwrite_all
 from ._locks import create_temp
 from ._log import get_logger
 from .format import (
@@ -158,60 +157,6 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-#: Whether to try ``O_TMPFILE`` + ``linkat`` for new images; cleared (for the process)
-#: the first time the file system or kernel refuses either, and by tests forcing the
-#: named-temporary fallback.
-use_o_tmpfile = hasattr(os, "O_TMPFILE")
-
-
-def _link_anonymous(directory: str, path: Path, writes: tuple[tuple[int, bytes], ...],
-                    file_size: int) -> bool | None:
-    """Write the image into an unnamed ``O_TMPFILE`` inode, fsync it, then link it in.
-
-    Returns True once linked, False if ``path`` was taken meanwhile, None when
-    the file system or kernel cannot do it (the caller falls back to a named
-    temporary file). A crash before the link leaves no file at all: an unnamed
-    inode is freed by the kernel. ``linkat`` never replaces an existing name.
-    Fewer steps than a named temporary file: no name to create, lock or unlink.
-    """
-    global use_o_tmpfile  # noqa: PLW0603 - a process-wide capability switch
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        try:
-            fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
-        except OSError as exc:
-            if exc.errno in _NO_TMPFILE:
-                use_o_tmpfile = False
-                return None
-            raise
-        try:
-            for offset, data in writes:
-                pwrite_all(fd, data, offset)
-            os.ftruncate(fd, file_size)
-            os.fsync(fd)
-            try:
-                # linkat(AT_FDCWD, "/proc/self/fd/N", dir_fd, name, AT_SYMLINK_FOLLOW)
-                os.link(f"/proc/self/fd/{fd}", path.name, dst_dir_fd=dir_fd,
-                        follow_symlinks=True)
-            except FileExistsError:
-                return False
-            except OSError as exc:
-                if exc.errno in _NO_TMPFILE or exc.errno == errno.ENOENT:
-                    use_o_tmpfile = False  # e.g. no /proc: the named fallback works
-                    return None
-                raise
-        finally:
-            os.close(fd)
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return True
-
-
-_NO_TMPFILE = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.EXDEV,
-                         errno.ENOSYS, errno.EPERM})
-
-
 def _write_new_image(path: Path, writes: tuple[tuple[int, bytes], ...], file_size: int, *,
                      replace: bool = False) -> bool:
     """Write a complete image at ``path`` atomically; False if the path was taken meanwhile.
@@ -219,16 +164,14 @@ def _write_new_image(path: Path, writes: tuple[tuple[int, bytes], ...], file_siz
     With ``replace=True`` an existing file is replaced (rename over it).
     """
     directory = os.path.dirname(path) or "."
-    if use_o_tmpfile and not replace:
-        linked = _link_anonymous(directory, path, writes, file_size)
+    if not replace:
+        linked = link_anonymous(directory, path.name, writes, file_size, sync=True)
         if linked is not None:
             return linked
     # Locked until it is in place or gone: a stale one (its writer killed) is removable.
     fd, tmp = create_temp(directory, path.name, 0o644)
     try:
-        for offset, data in writes:
-            pwrite_all(fd, data, offset)
-        os.ftruncate(fd, file_size)
+        fill(fd, writes, file_size)
         os.fsync(fd)
         if replace:
             os.replace(tmp, path)

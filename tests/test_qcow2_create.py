@@ -459,9 +459,9 @@ def test_new_images_with_and_without_o_tmpfile(tmp_path: Path, o_tmpfile: bool,
     Either way the target appears whole, no temporary name is left behind,
     and an existing file is never replaced.
     """
-    import boxdisk.qcow2 as q  # noqa: PLC0415
+    from boxdisk import _io  # noqa: PLC0415
 
-    monkeypatch.setattr(q, "use_o_tmpfile", o_tmpfile and q.use_o_tmpfile)
+    monkeypatch.setattr(_io, "use_o_tmpfile", o_tmpfile and _io.use_o_tmpfile)
     base = tmp_path / "base.qcow2"
     with create_disk(base, True, size=1 << 20):
         pass

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from boxdisk._errors import InvalidArgumentError, StoreError
-from boxdisk._io import pwrite_all
+from boxdisk._io import fill, link_anonymous, pwrite_all
 from boxdisk._locks import create_temp
 
 __all__ = [
@@ -52,14 +52,6 @@ _MAX_JSON = 1 << 20
 #: Functions told of every durable call: ``fn(call, path)``, call one of
 #: ``fsync``, ``syncfs``. The fsync-count test's seam.
 observers: list[Callable[[str, str], None]] = []
-
-#: Whether to write new files into an unnamed ``O_TMPFILE`` inode and ``linkat`` them
-#: into place; cleared (for the process) the first time the file system refuses, and
-#: by tests forcing the fallback (a locked, named temporary file linked into place).
-use_o_tmpfile = hasattr(os, "O_TMPFILE")
-
-_NO_TMPFILE = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.EXDEV,
-                         errno.ENOSYS, errno.EPERM})
 
 #: ``BoxStore(sync=...)``: "auto" (syncfs where it reports errors), "syncfs", "fsync".
 SYNC_MODES = ("auto", "syncfs", "fsync")
@@ -183,23 +175,6 @@ class Durability:
 # -- writing new files ------------------------------------------------------------------------
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    """``os.write`` until all of ``data`` is written (a filling disk writes less, then fails)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _fill(fd: int, writes: tuple[tuple[int, bytes], ...], size: int | None) -> None:
-    if len(writes) == 1 and writes[0][0] == 0:
-        _write_all(fd, writes[0][1])  # a small file in one piece, from a new descriptor
-    else:
-        for offset, data in writes:
-            pwrite_all(fd, data, offset)
-    if size is not None:
-        os.ftruncate(fd, size)
-
-
 def write_file(path: Path, data: bytes | tuple[tuple[int, bytes], ...],
                size: int | None = None, *, sync: bool = False) -> None:
     """Create ``path`` (never over an existing file) holding ``data``; synced only if asked.
@@ -213,7 +188,7 @@ def write_file(path: Path, data: bytes | tuple[tuple[int, bytes], ...],
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         with _naming(path):
-            _fill(fd, writes, size)
+            fill(fd, writes, size)
         if sync:
             durable("fsync", fd, path)
     except BaseException:
@@ -234,52 +209,21 @@ def link_new_file(path: Path, data: bytes | tuple[tuple[int, bytes], ...],
     Never replaces an existing file (FileExistsError).
     """
     writes = ((0, data),) if isinstance(data, bytes) else data
-    if use_o_tmpfile and _link_anonymous(path, writes, size):
+    with _naming(path):
+        linked = link_anonymous(path.parent, path.name, writes, size, sync=False)
+    if linked:
         return
+    if linked is False:
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fspath(path))
     fd, tmp = create_temp(os.fspath(path.parent), path.name, 0o644)
     try:
         with _naming(path):
-            _fill(fd, writes, size)
+            fill(fd, writes, size)
             os.link(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         os.close(fd)
-
-
-def _link_anonymous(path: Path, writes: tuple[tuple[int, bytes], ...],
-                    size: int | None) -> bool:
-    """Write into an ``O_TMPFILE`` inode and link it as ``path``; False if the system cannot."""
-    global use_o_tmpfile  # noqa: PLW0603 - a process-wide capability switch
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        try:
-            fd = os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
-        except OSError as exc:
-            if exc.errno not in _NO_TMPFILE:
-                raise
-            use_o_tmpfile = False
-            return False
-        try:
-            with _naming(path):
-                _fill(fd, writes, size)
-                try:
-                    # linkat(AT_FDCWD, "/proc/self/fd/N", dir_fd, name, AT_SYMLINK_FOLLOW);
-                    # without a dir_fd Python calls link(2), which does not follow.
-                    os.link(f"/proc/self/fd/{fd}", path.name, dst_dir_fd=dir_fd,
-                            follow_symlinks=True)
-                except FileExistsError:
-                    raise
-                except OSError as exc:
-                    if exc.errno not in _NO_TMPFILE and exc.errno != errno.ENOENT:
-                        raise
-                    use_o_tmpfile = False  # no /proc, say: the named fallback works
-                    return False
-        finally:
-            os.close(fd)
-    finally:
-        os.close(dir_fd)
-    return True
 
 
 def dump_json(value: Any) -> bytes:

@@ -18,8 +18,8 @@ import time
 
 import structlog
 
-from boxdisk import BoxdiskError
-from boxdisk.store import BoxStore, _fs
+from boxdisk import BoxdiskError, _io
+from boxdisk.store import BoxStore
 
 
 def main() -> int:
@@ -28,7 +28,7 @@ def main() -> int:
     script = spec.get("script") or [[spec["op"], spec.get("args", []), spec.get("kwargs", {})]]
     options = spec.get("store_options") or {}
     if options.get("no_tmpfile"):
-        _fs.use_o_tmpfile = False
+        _io.use_o_tmpfile = False
     with BoxStore(spec["root"], lock_timeout=spec.get("lock_timeout", 60.0),
                   sync=options.get("sync", "auto")) as store:
         for op, args, kwargs in script:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from boxdisk import BoxSpec
+from boxdisk import BoxSpec, _io
 from boxdisk._errors import AlreadyExistsError, InvalidNameError, NotFoundError
 from boxdisk.store import BoxStore, _fs, _locks
 from boxdisk.store._journal import CRASH_ENV
@@ -163,7 +163,7 @@ def test_a_batch_crashed_before_its_renames_is_undone_by_create_box(bases: BoxSt
 
 def test_without_o_tmpfile_every_operation_still_works(qemu, bases: BoxStore,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_fs, "use_o_tmpfile", False)
+    monkeypatch.setattr(_io, "use_o_tmpfile", False)
     store = bases
     store.create_boxes(["a", "b"], base="os")
     write(qemu, store.box("a").disk, 0x71)
@@ -173,7 +173,7 @@ def test_without_o_tmpfile_every_operation_still_works(qemu, bases: BoxStore,
     store.clone_box("a", "c")
     store.remove_snapshot("b", "t", merge=True)
     assert_reads(qemu, store.box("c").disk, 0x71)
-    assert _fs.use_o_tmpfile is False
+    assert _io.use_o_tmpfile is False
     assert_store_clean(qemu, store)
     assert store.gc().leftovers == ()
 
@@ -202,9 +202,9 @@ def test_where_o_tmpfile_works_no_named_temporary_file_is_made(
     bases.clone_box("a", "b")
     assert bases.verify().ok
     if _has_o_tmpfile(bases.root):
-        assert named == [] and _fs.use_o_tmpfile  # every new file was an unnamed inode
+        assert named == [] and _io.use_o_tmpfile  # every new file was an unnamed inode
     else:
-        assert named and not _fs.use_o_tmpfile  # the first refusal switched to the fallback
+        assert named and not _io.use_o_tmpfile  # the first refusal switched to the fallback
 
 
 # -- lock files stay open -------------------------------------------------------------------------
