@@ -45,9 +45,7 @@ def clone_box(ctx: StoreContext, src_id: str, dst_id: str) -> Box:
         if os.path.lexists(ddir):
             msg = f"box {dst_id!r} already exists"
             raise AlreadyExistsError(msg, path=ddir, field="box_id", value=dst_id)
-        disks = ctx.disks_in(sdir)
-        for d in disks:
-            ensure_not_in_use(sdir / d, "clone the box (freezing its live disk)")
+        disks = ctx.idle_disks(sdir, "clone the box (freezing its live disk)")
         src_meta = ctx.read_meta(sdir / BOX_META, "box")
         opid = new_opid()
         cdir = lay.clone_dir(opid)

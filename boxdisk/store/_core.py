@@ -25,6 +25,7 @@ from boxdisk._errors import (
     NotFoundError,
     StoreError,
 )
+from boxdisk._locks import ensure_not_in_use
 from boxdisk._log import get_logger
 from boxdisk.qcow2 import BackingFormat
 
@@ -256,6 +257,13 @@ class StoreContext:
         if CONTAINER_DISK not in disks:
             msg = f"{CONTAINER_DISK} is missing"
             raise StoreError(msg, path=directory / CONTAINER_DISK, field="disk")
+        return disks
+
+    def idle_disks(self, directory: Path, action: str) -> list[str]:
+        """The disks of a live box directory, refused (DiskInUseError) while QEMU holds one."""
+        disks = self.disks_in(directory)
+        for d in disks:
+            ensure_not_in_use(directory / d, action)
         return disks
 
     @staticmethod

@@ -59,9 +59,7 @@ def _plan(ctx: StoreContext, box_id: str, name: str, opid: str) -> dict[str, Any
     if os.path.lexists(final):
         msg = f"box {box_id!r} already has a snapshot {name!r}"
         raise AlreadyExistsError(msg, path=final, field="snapshot", value=name)
-    disks = ctx.disks_in(bdir)
-    for d in disks:
-        ensure_not_in_use(bdir / d, "snapshot the box")
+    disks = ctx.idle_disks(bdir, "snapshot the box")
     stage = lay.snapshots_dir(box_id) / f".stage-{opid}"
     return {"box": box_id, "name": name, "stage": lay.rel(stage), "final": lay.rel(final),
             "created": time.time(), "disks": freeze_plan(ctx, bdir, final, disks, opid)}
