@@ -163,9 +163,7 @@ class _Planner:
 
     def __init__(self, ctx: StoreContext) -> None:
         self._ctx = ctx
-        cache = ctx.cache.setdefault("plans", {})
-        assert isinstance(cache, dict)
-        self._plans: dict[tuple[str | None, int | None, str], tuple[object, ImagePlan]] = cache
+        self._plans = ctx.plans
         #: Plans this planner checked against their base already (a batch checks once).
         self._checked: dict[tuple[str | None, int | None, str], ImagePlan] = {}
 

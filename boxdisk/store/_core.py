@@ -27,7 +27,7 @@ from boxdisk._errors import (
 )
 from boxdisk._locks import ensure_not_in_use
 from boxdisk._log import get_logger
-from boxdisk.qcow2 import BackingFormat
+from boxdisk.qcow2 import BackingFormat, ImagePlan
 
 from ._fs import Durability, read_json
 from ._journal import Journal, Record
@@ -123,8 +123,9 @@ class StoreContext:
         self.roots = (str(layout.root),)
         self.closed = False
         self.recovery: Recoverer | None = None
-        #: What operations keep between calls (the image plans of new boxes).
-        self.cache: dict[str, object] = {}
+        #: The image plans of new boxes, kept between calls: (base, size, disk) ->
+        #: (the base file's stamp, the plan). See ``_boxes._Planner``.
+        self.plans: dict[tuple[str | None, int | None, str], tuple[object, ImagePlan]] = {}
 
     def check_open(self) -> None:
         """Raise StoreError if the store was closed."""
