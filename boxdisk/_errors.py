@@ -32,6 +32,7 @@ from typing import Any
 __all__ = [
     "AlreadyExistsError",
     "BackingChainError",
+    "BlockJobError",
     "BoxdiskError",
     "CorruptImageError",
     "DependentsExistError",
@@ -41,9 +42,13 @@ __all__ = [
     "ImageIOError",
     "InvalidArgumentError",
     "InvalidNameError",
+    "LiveError",
     "LockTimeoutError",
     "NotFoundError",
     "NotQcow2Error",
+    "QmpCommandError",
+    "QmpConnectError",
+    "QmpProtocolError",
     "SnapshotInUseError",
     "StoreError",
     "StoreFormatError",
@@ -193,3 +198,26 @@ class LockTimeoutError(StoreError, TimeoutError):
 
 class StoreFormatError(StoreError):
     """The directory is not a boxdisk store, or a newer boxdisk wrote it."""
+
+
+class LiveError(BoxdiskError):
+    """A running QEMU (its QMP socket or guest agent) failed an operation on a live box.
+
+    The message carries QEMU's own error text; ``path`` names the socket.
+    """
+
+
+class QmpConnectError(LiveError, ConnectionError):
+    """The socket refuses connections or is gone: no QEMU answers there."""
+
+
+class QmpProtocolError(LiveError):
+    """Something answers on the socket, but not QMP (or not within the timeout)."""
+
+
+class QmpCommandError(LiveError):
+    """QEMU refused a command; ``field`` is the command, ``value`` QEMU's error class."""
+
+
+class BlockJobError(LiveError):
+    """A QEMU block job failed, was cancelled or did not finish in time."""

@@ -61,5 +61,9 @@ def test_import_is_lazy_and_light() -> None:
             "assert loaded == ['boxdisk'], loaded\n"
             "assert 'structlog' not in sys.modules\n"
             "boxdisk.create_disk\n"
-            "assert 'boxdisk.store' not in sys.modules\n")
+            "assert 'boxdisk.store' not in sys.modules\n"
+            "boxdisk.BoxStore, boxdisk.QmpConnectError\n"
+            "assert 'qemu.qmp' not in sys.modules, 'only live operations load QMP'\n"
+            "import boxdisk.cli\n"
+            "assert 'qemu.qmp' not in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -3,7 +3,7 @@
 Layers, bottom first (a module may import its own layer and the ones below):
 
 0. ``_errors``, ``_log``, ``_io``, ``_args``, ``_formats``
-1. ``format`` (pure: no I/O, no logging, no locks), ``_locks``, ``_disk``
+1. ``format`` (pure: no I/O, no logging, no locks), ``_locks``, ``_disk``, ``live`` (QMP)
 2. ``image``: one file
 3. ``chain``: a stack of files
 4. ``ops``, ``qcow2`` (creation and the seed-parity tools), write paths over chains
@@ -32,6 +32,7 @@ LAYERS: dict[str, int] = {
     "format": 1,
     "_locks": 1,
     "_disk": 1,
+    "live": 1,
     "image": 2,
     "chain": 3,
     "_chain_write": 4,

@@ -1,0 +1,42 @@
+"""Live boxes: talking to the QEMU that runs a box, through QMP and the guest agent.
+
+This package is imported only by operations on a box attached to a running
+QEMU (``BoxStore.attach``), so ``import boxdisk`` never loads ``qemu.qmp``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ._block import (
+    BlockNode,
+    add_overlay,
+    close_nodes,
+    find_nodes,
+    frozen_guest,
+    node_file,
+    remove_node,
+    run_job,
+    switch_to_overlays,
+    top_files,
+)
+from ._qmp import DEFAULT_TIMEOUT, Qmp
+
+# qemu.qmp logs through the standard library; without this, Python's last-resort
+# handler would print its warnings to stderr of an application that configured nothing.
+logging.getLogger("qemu.qmp").addHandler(logging.NullHandler())
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "BlockNode",
+    "Qmp",
+    "add_overlay",
+    "close_nodes",
+    "find_nodes",
+    "frozen_guest",
+    "node_file",
+    "remove_node",
+    "run_job",
+    "switch_to_overlays",
+    "top_files",
+]

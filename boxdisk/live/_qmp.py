@@ -1,0 +1,139 @@
+"""A synchronous QMP (and guest-agent) connection over QEMU's own ``qemu.qmp`` library.
+
+``qemu.qmp`` is asynchronous; boxdisk's API is not. Each :class:`Qmp` owns a
+private event loop and runs every call on it to completion with a timeout, so
+a socket that never answers (not QMP, a stopped process) costs a bounded wait,
+never a hang. Every failure becomes a :class:`~boxdisk.LiveError` subclass that
+names the socket and carries QEMU's own error text.
+
+``qemu.qmp`` is imported here only: ``import boxdisk`` does not load it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Awaitable
+from types import TracebackType
+from typing import Any, TypeVar
+
+from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
+
+from boxdisk._errors import QmpCommandError, QmpConnectError, QmpProtocolError
+from boxdisk._log import get_logger
+
+__all__ = ["DEFAULT_TIMEOUT", "Qmp"]
+
+log = get_logger(__name__)
+
+#: Seconds any one QMP exchange may take (connecting, a command's reply).
+DEFAULT_TIMEOUT = 10.0
+
+_T = TypeVar("_T")
+
+
+class Qmp:
+    """One connection to a QMP socket (``agent=True``: a QEMU guest agent's socket).
+
+    Use as a context manager, or call :meth:`close`. :meth:`execute` sends one
+    command and returns its ``return`` value; events QEMU sends meanwhile are
+    kept for :meth:`events`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, timeout: float = DEFAULT_TIMEOUT,
+                 agent: bool = False) -> None:
+        self.path = os.fspath(path)
+        self.timeout = timeout
+        self.agent = agent
+        self._loop = asyncio.new_event_loop()
+        self._client = QMPClient("boxdisk")
+        if agent:  # the guest agent sends no greeting and negotiates nothing
+            self._client.await_greeting = False
+            self._client.negotiate = False
+        self._connected = False
+        try:
+            self._run(self._client.connect(self.path), what="connect")
+        except BaseException:
+            self._loop.close()
+            raise
+        self._connected = True
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    def _run(self, coro: Awaitable[_T], *, what: str, timeout: float | None = None) -> _T:
+        """Run ``coro`` on this connection's loop, mapping failures to LiveError."""
+        wait = self.timeout if timeout is None else timeout
+        try:
+            return self._loop.run_until_complete(asyncio.wait_for(coro, wait))
+        except ExecuteError as exc:
+            err = exc.error.error
+            msg = f"QEMU refused {what}: {err.desc}"
+            raise QmpCommandError(msg, path=self.path, field=what,
+                                  value=err.class_) from None
+        except ConnectError as exc:
+            cause = exc.exc
+            if isinstance(cause, OSError):
+                msg = f"cannot connect to QMP: {cause.strerror or cause}"
+                raise QmpConnectError(msg, path=self.path, field="socket",
+                                      value=cause.errno) from None
+            msg = f"the socket does not speak QMP: {exc.error_message}: {cause}"
+            raise QmpProtocolError(msg, path=self.path, field="greeting") from None
+        except TimeoutError:
+            msg = f"no answer to {what} within {wait:g} s"
+            raise QmpProtocolError(msg, path=self.path, field=what) from None
+        except QMPError as exc:
+            msg = f"QMP failed during {what}: {exc}"
+            raise QmpProtocolError(msg, path=self.path, field=what) from None
+        except OSError as exc:
+            msg = f"QMP socket failed during {what}: {exc.strerror or exc}"
+            raise QmpConnectError(msg, path=self.path, field="socket",
+                                  value=exc.errno) from None
+
+    # -- the API -----------------------------------------------------------------------
+
+    def execute(self, command: str, arguments: dict[str, Any] | None = None, *,
+                timeout: float | None = None) -> Any:
+        """Send ``command`` and return QEMU's ``return`` value (QmpCommandError on an error)."""
+        start = time.perf_counter()
+        result = self._run(self._client.execute(command, arguments), what=command,
+                           timeout=timeout)
+        log.debug("qmp_command", socket=self.path, command=command,
+                  ms=round((time.perf_counter() - start) * 1000, 3))
+        return result
+
+    def events(self, wait: float = 0.0) -> list[dict[str, Any]]:
+        """Events received so far; with ``wait``, up to that long for the first one."""
+        listener = self._client.events
+        self._run(asyncio.sleep(0), what="events")
+        got = [dict(e) for e in listener.clear()]
+        if got or wait <= 0:
+            return got
+        try:
+            first = self._loop.run_until_complete(asyncio.wait_for(listener.get(), wait))
+        except TimeoutError:
+            return []
+        return [dict(first), *(dict(e) for e in listener.clear())]
+
+    def close(self) -> None:
+        """Disconnect (idempotent)."""
+        if self._connected:
+            self._connected = False
+            # QEMU may have gone (quit, killed): its end of the socket is closed already.
+            with contextlib.suppress(QMPError, OSError, EOFError, asyncio.TimeoutError):
+                self._loop.run_until_complete(asyncio.wait_for(self._client.disconnect(),
+                                                               self.timeout))
+        if not self._loop.is_closed():
+            self._loop.close()
+
+    def __enter__(self) -> Qmp:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
