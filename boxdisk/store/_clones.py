@@ -26,6 +26,7 @@ from ._freeze import (
 from ._fs import dump_json, make_read_only, remove_tree, write_file
 from ._journal import Record, crashpoint, new_opid
 from ._layout import BOX_META, CLONE_META, CONTAINER_DISK, DISK_NAMES
+from ._live import ensure_stopped
 from ._queries import files_bytes
 from ._values import Box
 
@@ -41,6 +42,7 @@ def clone_box(ctx: StoreContext, src_id: str, dst_id: str) -> Box:
     keys = (box_key(src_id), box_key(dst_id))
     with ctx.operation("clone_box", keys):
         sdir = ctx.box_dir(src_id)
+        ensure_stopped(ctx, src_id, sdir, "clone the box")
         ddir = lay.box_dir(dst_id)
         if os.path.lexists(ddir):
             msg = f"box {dst_id!r} already exists"
@@ -134,6 +136,8 @@ def export_box(ctx: StoreContext, box_id: str, dest: Path, *, snapshot: str | No
     disk_name = DISK_NAMES[1] if guest else CONTAINER_DISK
     with ctx.operation("export_box", (box_key(box_id),)):
         bdir = ctx.box_dir(box_id)
+        if snapshot is None:
+            ensure_stopped(ctx, box_id, bdir, "export the live disk")
         src_dir = bdir if snapshot is None else ctx.snapshot_dir(box_id, snapshot)
         src = src_dir / disk_name
         if not src.is_file():

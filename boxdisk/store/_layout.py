@@ -13,6 +13,8 @@
       boxes/ID/disk.qcow2               the box's live container disk
       boxes/ID/guest-rootfs.qcow2       its optional second (guest) disk
       boxes/ID/box.json                 the box's metadata
+      boxes/ID/live.json                while QEMU runs it (attach): the QMP socket; the
+                                        tops a live snapshot gave new names (disk.OPID.qcow2)
       boxes/ID/snapshots/               made with the box
       boxes/ID/snapshots/NAME/          an immutable snapshot: the disks, snapshot.json
       clones/CID/                       an immutable clone base: the disks, clone.json
@@ -43,7 +45,7 @@ __all__ = [
 
 META_DIR = ".boxdisk"
 FORMAT_NAME = "boxdisk-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CONTAINER_DISK = "disk.qcow2"
 GUEST_DISK = GUEST_ROOTFS_DISK
 #: The disks a box (or snapshot, or clone base) may hold, container first.

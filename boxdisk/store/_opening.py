@@ -91,6 +91,24 @@ def _check_marker(lay: Layout) -> None:
         msg = (f"the store was written by a newer boxdisk (store version {version}; "
                f"this boxdisk reads version {FORMAT_VERSION}); nothing was changed")
         raise StoreFormatError(msg, path=marker, field="version", value=version)
+    if version < FORMAT_VERSION:
+        _migrate(lay, info, version)
+
+
+def _migrate(lay: Layout, info: dict[str, object], version: int) -> None:
+    """Bring an older store to this version (temp file, fsync, rename, fsync the directory).
+
+    Version 2 added the live state of running boxes (``boxes/ID/live.json``:
+    a box's top may have another name while QEMU runs it). A version-1 store
+    has no running boxes, so only its marker changes; the new version keeps a
+    boxdisk that knows no live state from misreading a store that has some.
+    """
+    tmp = lay.meta / f".store.json.{new_opid()}"
+    write_file(tmp, dump_json({**info, "version": FORMAT_VERSION, "migrated_from": version}),
+               sync=True)
+    os.replace(tmp, lay.marker)
+    fsync_dir(lay.meta)
+    log.info("store_migrated", root=str(lay.root), old=version, new=FORMAT_VERSION)
 
 
 def one_file_system(lay: Layout) -> bool:

@@ -15,6 +15,7 @@ from boxdisk.qcow2 import read_header
 from ._core import StoreContext
 from ._journal import Record
 from ._layout import BOX_META, CONTAINER_DISK, DISK_NAMES, SNAPSHOT_META
+from ._livestate import read_state, top_paths
 from ._values import Box, Snapshot
 
 __all__ = [
@@ -75,9 +76,14 @@ def box_value(ctx: StoreContext, box_id: str, bdir: Path,
     """The :class:`Box` of an existing box directory."""
     if meta is None:
         meta = ctx.read_meta(bdir / BOX_META, "box")
-    disks = ctx.disks_in(bdir)
-    disk = bdir / CONTAINER_DISK
-    guest = bdir / DISK_NAMES[1] if len(disks) > 1 else None
+    state = read_state(bdir)
+    if state is None:
+        disks = ctx.disks_in(bdir)
+        disk = bdir / CONTAINER_DISK
+        guest = bdir / DISK_NAMES[1] if len(disks) > 1 else None
+    else:  # attached, or a live layout not settled yet: its tops
+        tops = top_paths(bdir, state)
+        disk, guest = tops[CONTAINER_DISK], tops.get(DISK_NAMES[1])
     snaps = snapshots(ctx, box_id, bdir)
     return Box(
         id=box_id, dir=bdir, disk=disk, guest_disk=guest,
@@ -87,6 +93,8 @@ def box_value(ctx: StoreContext, box_id: str, bdir: Path,
         guest_size=None if guest is None else read_header(guest).size,
         host_bytes=host_bytes(bdir), created=float(meta.get("created", 0.0)),
         clone_of=meta.get("clone_of"),
+        qmp=None if state is None else state.qmp,
+        guest_agent=None if state is None else state.guest_agent,
     )
 
 
@@ -129,7 +137,14 @@ def images(ctx: StoreContext) -> list[str]:
         disks(os.path.join(lay.clones, c))
     for b in _visible_dirs(lay.boxes):
         bdir = os.path.join(lay.boxes, b)
-        disks(bdir)
+        state = read_state(Path(bdir))
+        if state is None:
+            disks(bdir)
+        else:  # the tops, and the files live snapshots froze where QEMU had them
+            out.extend(os.fspath(p) for p in top_paths(Path(bdir), state).values()
+                       if p.is_file())
+            out.extend(os.path.join(bdir, f["file"]) for f in state.frozen
+                       if os.path.isfile(os.path.join(bdir, f["file"])))
         sroot = os.path.join(bdir, "snapshots")
         for s in _visible_dirs(sroot):
             disks(os.path.join(sroot, s))

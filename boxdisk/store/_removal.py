@@ -23,6 +23,7 @@ from boxdisk.ops import rebase
 from ._core import StoreContext, box_key, ms, reported
 from ._fs import fsync_dir, make_read_only, make_writable, remove_tree
 from ._journal import Record, crashpoint, new_opid
+from ._live import ensure_stopped
 from ._queries import graph, host_bytes, leftovers, protected
 from ._values import GcReport
 
@@ -76,7 +77,7 @@ def remove_snapshot(ctx: StoreContext, box_id: str, name: str, *, merge: bool) -
     key = box_key(box_id)
     lay = ctx.layout
     with ctx.operation("remove_snapshot", (key,)):
-        ctx.box_dir(box_id)
+        ensure_stopped(ctx, box_id, ctx.box_dir(box_id), "remove a snapshot of the box")
         sdir = ctx.snapshot_dir(box_id, name)
         own = {os.path.realpath(sdir / d) for d in ctx.disks_in(sdir)}
         with ctx.locks.structural(f"remove_snapshot {box_id!r} {name!r}"):
@@ -180,6 +181,7 @@ def remove_box(ctx: StoreContext, box_id: str) -> None:
     lay = ctx.layout
     with ctx.operation("remove_box", (key,)):
         bdir = ctx.box_dir(box_id)
+        ensure_stopped(ctx, box_id, bdir, "remove the box")
         opid = new_opid()
         trash = lay.trash / opid
         data = {"box": box_id, "trash": lay.rel(trash)}

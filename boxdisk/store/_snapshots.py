@@ -33,6 +33,8 @@ from ._freeze import (
 from ._fs import dump_json, fsync_dir, make_read_only, write_file
 from ._journal import Record, crashpoint, new_opid
 from ._layout import CONTAINER_DISK, DISK_NAMES, SNAPSHOT_META
+from ._live import ensure_stopped, stopped
+from ._live_snapshot import live_snapshot
 from ._queries import files_bytes
 from ._values import Snapshot
 
@@ -59,6 +61,7 @@ def _plan(ctx: StoreContext, box_id: str, name: str, opid: str) -> dict[str, Any
     if os.path.lexists(final):
         msg = f"box {box_id!r} already has a snapshot {name!r}"
         raise AlreadyExistsError(msg, path=final, field="snapshot", value=name)
+    ensure_stopped(ctx, box_id, bdir, "snapshot the box")
     disks = ctx.idle_disks(bdir, "snapshot the box")
     stage = lay.snapshots_dir(box_id) / f".stage-{opid}"
     return {"box": box_id, "name": name, "stage": lay.rel(stage), "final": lay.rel(final),
@@ -139,6 +142,17 @@ def snapshot(ctx: StoreContext, box_id: str, name: str) -> Snapshot:
     key = box_key(box_id)
     with ctx.operation("snapshot", (key,)):
         opid = new_opid()
+        bdir = ctx.box_dir(box_id)
+        with stopped(ctx, box_id, bdir, "snapshot the box", live=True) as (qmp, state):
+            if qmp is not None and state is not None:
+                if os.path.lexists(ctx.layout.snapshot_dir(box_id, name)):
+                    msg = f"box {box_id!r} already has a snapshot {name!r}"
+                    raise AlreadyExistsError(msg, path=ctx.layout.snapshot_dir(box_id, name),
+                                             field="snapshot", value=name)
+                data = live_snapshot(ctx, box_id, name, bdir, qmp, state, opid)
+                log.info("snapshot_taken", box=box_id, name=name, disks=len(data["disks"]),
+                         live=True, held_ms=data["held_ms"], ms=ms(start))
+                return _value(ctx, data)
         data = _plan(ctx, box_id, name, opid)
         with ctx.intent("snapshot", (key,), data, opid) as record:
             crashpoint("snapshot", "recorded")
@@ -150,7 +164,8 @@ def snapshot(ctx: StoreContext, box_id: str, name: str) -> Snapshot:
                 sealed = _commit(ctx, data, "snapshot")
             ctx.barrier(sealed)  # durable call 2
             crashpoint("snapshot", "committed")
-    log.info("snapshot_taken", box=box_id, name=name, disks=len(data["disks"]), ms=ms(start))
+    log.info("snapshot_taken", box=box_id, name=name, disks=len(data["disks"]), live=False,
+             ms=ms(start))
     return _value(ctx, data)
 
 
@@ -219,6 +234,7 @@ def restore(ctx: StoreContext, box_id: str, name: str) -> None:
     lay = ctx.layout
     with ctx.operation("restore", (key,)):
         bdir = ctx.box_dir(box_id)
+        ensure_stopped(ctx, box_id, bdir, "restore the box")
         sdir = ctx.snapshot_dir(box_id, name)
         disks = ctx.disks_in(bdir)
         if ctx.disks_in(sdir) != disks:

@@ -58,7 +58,17 @@ from boxdisk.graph import DependencyGraph
 from boxdisk.ops import Progress
 from boxdisk.qcow2 import BackingFormat
 
-from . import _boxes, _clones, _queries, _removal, _snapshots, _specs
+from . import (
+    _boxes,
+    _clones,
+    _live,
+    _live_snapshot,
+    _queries,
+    _removal,
+    _settle,
+    _snapshots,
+    _specs,
+)
 from ._boxes import BoxSpec
 from ._core import StoreContext, check_size, ms, reported
 from ._fs import (
@@ -88,6 +98,8 @@ _RECOVERY = {
     "snapshot_boxes": _snapshots.recover_snapshot_boxes,
     "restore": _snapshots.recover_restore,
     "clone_box": _clones.recover_clone,
+    "live_snapshot": _live_snapshot.recover_live_snapshot,
+    "settle": _settle.recover_settle,
     "remove_snapshot": _removal.recover_remove_snapshot,
     "remove_box": _removal.recover_remove_box,
 }
@@ -378,6 +390,37 @@ class BoxStore:
         check_name(src_id, "box id")
         check_name(dst_id, "box id")
         return _clones.clone_box(self._ctx, src_id, dst_id)
+
+    def attach(self, box_id: str, qmp: str | os.PathLike[str], *,
+               guest_agent: str | os.PathLike[str] | None = None) -> None:
+        """Record that the QEMU whose QMP socket is ``qmp`` runs the box (live operations).
+
+        QEMU is asked first (``query-named-block-nodes``) and must have the
+        box's live disks open for writing, found by their files whether it was
+        started with ``-drive`` or ``-blockdev``; ``guest_agent``, the socket of
+        the QEMU guest agent in the VM, must answer ``guest-ping``. Other
+        processes see the attachment (it is in the store). While attached,
+        :meth:`snapshot` works live; :meth:`restore`, :meth:`clone_box`,
+        :meth:`export_box` of the live disk, :meth:`remove_snapshot` and
+        :meth:`remove_box` raise DiskInUseError saying the box is running.
+        """
+        self._check_open()
+        check_name(box_id, "box id")
+        sock = os.path.abspath(as_path(qmp, "qmp"))
+        agent = None if guest_agent is None else os.path.abspath(as_path(guest_agent,
+                                                                         "guest_agent"))
+        _live.attach(self._ctx, box_id, sock, agent)
+
+    def detach(self, box_id: str) -> None:
+        """Forget the box's QEMU (call it when the VM has stopped); idempotent.
+
+        When nothing holds the box's files any more, its disks are given their
+        usual names again (a live snapshot had given the top a new one);
+        otherwise the next operation on the box does that.
+        """
+        self._check_open()
+        check_name(box_id, "box id")
+        _live.detach(self._ctx, box_id)
 
     def export_box(self, box_id: str, dest: str | os.PathLike[str], *,
                    snapshot: str | None = None, guest: bool = False,

@@ -39,7 +39,9 @@ class Box:
     store bases they descend from (None for a standalone or imported disk);
     ``snapshots`` the snapshot names, oldest first; ``size`` and ``guest_size``
     the virtual sizes; ``host_bytes`` what the box's own files (snapshots
-    included) take on the host; ``clone_of`` the box it was cloned from.
+    included) take on the host; ``clone_of`` the box it was cloned from;
+    ``qmp`` and ``guest_agent`` the sockets of the QEMU that runs it (and of
+    its guest agent) while it is attached (:meth:`BoxStore.attach`).
     """
 
     id: str
@@ -54,6 +56,8 @@ class Box:
     host_bytes: int
     created: float
     clone_of: str | None = None
+    qmp: str | None = None
+    guest_agent: str | None = None
 
     def open_disk(self, *, guest: bool = False) -> Disk:
         """A handle on a live disk; persistent: closing it never deletes the store's file.

@@ -22,6 +22,7 @@ from ._layout import (
     DISK_NAMES,
     SNAPSHOT_META,
 )
+from ._livestate import LIVE_META, read_state, top_paths
 from ._queries import images, leftovers, list_bases, list_boxes, protected
 from ._values import Problem, VerifyReport
 
@@ -140,15 +141,21 @@ class Verifier:
         lay = self.lay
         bdir = lay.box_dir(box_id)
         meta = self._meta(bdir / BOX_META, "box")
-        if not (bdir / CONTAINER_DISK).is_file():
-            self.add(bdir / CONTAINER_DISK, "missing", "the box has no live container disk")
+        try:
+            tops = top_paths(bdir, read_state(bdir))
+        except StoreError as exc:
+            self.add(bdir / LIVE_META, "metadata", exc.message)
+            return
+        if CONTAINER_DISK not in tops or not tops[CONTAINER_DISK].is_file():
+            self.add(tops.get(CONTAINER_DISK, bdir / CONTAINER_DISK), "missing",
+                     "the box has no live container disk")
             return
         if meta is not None:
             if meta.get("id") != box_id:
                 self.add(bdir / BOX_META, "metadata",
                          f"box.json names box {meta.get('id')!r}, the directory {box_id!r}")
             for field, disk in (("base", CONTAINER_DISK), ("guest_base", DISK_NAMES[1])):
-                self.check_descent(bdir / disk, meta.get(field), field)
+                self.check_descent(tops.get(disk, bdir / disk), meta.get(field), field)
         for sdir in sorted(p for p in lay.snapshots_dir(box_id).glob("*")
                            if p.is_dir() and not p.name.startswith(".")):
             smeta = self._meta(sdir / SNAPSHOT_META, "snapshot")
@@ -161,7 +168,7 @@ class Verifier:
             for d in DISK_NAMES:
                 if (sdir / d).is_file():
                     self._read_only(sdir / d)
-            if (sdir / DISK_NAMES[1]).is_file() != (bdir / DISK_NAMES[1]).is_file():
+            if (sdir / DISK_NAMES[1]).is_file() != (DISK_NAMES[1] in tops):
                 self.add(sdir, "disks", "the snapshot and the box hold different disks")
 
     def check_descent(self, disk: Path, base: object, field: str) -> None:

@@ -77,7 +77,7 @@ def test_commands_answer_and_errors_carry_qemus_text(tmp_path: Path,
         assert "no-such-node" in err.value.message  # QEMU's own words
         assert err.value.field == "blockdev-del"
         assert err.value.value == "GenericError"
-        assert err.value.path == os.fspath(vm.qmp_path)
+        assert err.value.path == os.fspath(vm.monitor_path)
     finally:
         vm.quit()
 
@@ -316,10 +316,16 @@ class _Agent:
         self.thread.start()
 
     def _run(self) -> None:
-        conn, _ = self.srv.accept()
+        # One client at a time, as qemu-ga serves its socket; until the socket is closed.
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.srv.accept()
+                self._serve(conn)
+
+    def _serve(self, conn: socket.socket) -> None:
         decoder = json.JSONDecoder()
         buf = ""
-        # The client may give up and hang up (a timed-out freeze): that ends the agent.
+        # The client may give up and hang up (a timed-out freeze): that ends this client.
         with conn, contextlib.suppress(OSError):
             while chunk := conn.recv(4096):
                 buf += chunk.decode()
@@ -345,7 +351,11 @@ class _Agent:
         return json.dumps(reply).encode() + b"\n"
 
     def close(self) -> None:
+        # shutdown wakes the accept() of the serving thread, which then ends.
+        with contextlib.suppress(OSError):
+            self.srv.shutdown(socket.SHUT_RDWR)
         self.srv.close()
+        self.thread.join(timeout=5)
 
 
 def test_a_freeze_brackets_the_block_and_the_thaw_always_runs(tmp_path: Path) -> None:

@@ -42,8 +42,12 @@ class Vm:
     def __init__(self, workdir: Path, drives: dict[str, Path], *, style: str = "blockdev",
                  name: str = "vm") -> None:
         qemu = need_qemu_system()
+        # QEMU serves one client per QMP socket: the test's own (``monitor``), and the one
+        # the store is attached to (``qmp_path``), as a launcher would give boxdisk its own.
+        self.monitor_path = workdir / f"{name}.monitor"
         self.qmp_path = workdir / f"{name}.qmp"
         cmd = [qemu, "-machine", "q35", "-nodefaults", "-display", "none", "-S",
+               "-qmp", f"unix:{self.monitor_path},server=on,wait=off",
                "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
         for drive_id, image in drives.items():
             # A guest's disk device on each (qdev id = the drive's id): the user QEMU
@@ -65,7 +69,7 @@ class Vm:
         self._reader = threading.Thread(target=self._read_stdout, daemon=True)
         self._reader.start()
         deadline = time.monotonic() + 30
-        while not self.qmp_path.exists():
+        while not (self.qmp_path.exists() and self.monitor_path.exists()):
             if self.proc.poll() is not None:
                 _, err = self.proc.communicate()
                 pytest.fail(f"QEMU exited at start ({self.proc.returncode}): {err}")
@@ -73,7 +77,7 @@ class Vm:
                 self.kill()
                 pytest.fail("QEMU's QMP socket did not appear within 30 s")
             time.sleep(0.01)
-        self.qmp = Qmp(self.qmp_path)
+        self.qmp = Qmp(self.monitor_path)
 
     def _read_stdout(self) -> None:
         assert self.proc.stdout is not None

@@ -213,8 +213,23 @@ def test_not_a_store_is_refused_unchanged(tmp_path: Path) -> None:
     assert afile.read_text() == "x"
 
 
+def test_a_version_1_store_is_migrated_on_open(tmp_path: Path) -> None:
+    """Version 2 added live state; a version-1 store (none) only gets the new marker."""
+    root = tmp_path / "store"
+    with BoxStore(root) as store:
+        store.create_box("vm1")
+    marker = root / ".boxdisk" / "store.json"
+    marker.write_text(json.dumps({"format": "boxdisk-store", "version": 1, "created": 1.0}))
+    with BoxStore(root) as store:
+        assert store.list_boxes() == ["vm1"]
+    info = json.loads(marker.read_text())
+    assert info == {"format": "boxdisk-store", "version": 2, "created": 1.0,
+                    "migrated_from": 1}
+    assert not [n for n in os.listdir(root / ".boxdisk") if n.startswith(".")]
+
+
 @pytest.mark.parametrize(("content", "match"), [
-    ({"format": "boxdisk-store", "version": 2}, "newer boxdisk"),
+    ({"format": "boxdisk-store", "version": 3}, "newer boxdisk"),
     ({"format": "boxdisk-store", "version": 99, "future": True}, "newer boxdisk"),
     ({"format": "something-else", "version": 1}, "not a boxdisk store"),
     ({"format": "boxdisk-store"}, "no valid version"),

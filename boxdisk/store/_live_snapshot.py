@@ -1,0 +1,216 @@
+"""The live snapshot: QEMU switches a running box onto new tops; nothing it has open moves.
+
+Nothing QEMU has open is renamed, replaced or rewritten (QEMU reopens images
+by their names). So the file QEMU writes now (the top) is frozen where it is,
+and:
+
+- the new top is a new file beside it, ``disk.OPID.qcow2``, backing onto the
+  old top by its name in the box's directory;
+- the snapshot's directory gets a *stub*: an empty, read-only qcow2 backing
+  onto the frozen file (``../../NAME``), so the snapshot reads exactly the
+  frozen state, and no header needs rewriting (one the frozen file keeps,
+  valid from where it is).
+
+Durable steps: (1) the journal record, the staged snapshot and the new tops,
+one barrier; QEMU opens the new tops (``blockdev-add``) and switches onto
+all of them in one ``transaction`` (``blockdev-snapshot``), a guest-agent
+freeze around it when there is an agent; (2) the snapshot is published and
+``live.json`` records the new tops and the frozen files, one barrier.
+
+Recovery asks QEMU which file it writes to: the new top means the switch
+happened (finish: publish, record); the old one means it did not (undo:
+close the new nodes in QEMU, remove the new files). With no QEMU to ask, a new
+top QEMU wrote into has grown past the size boxdisk made it; one that did
+not grow holds nothing, so undoing it loses nothing either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from boxdisk._errors import LiveError
+from boxdisk.qcow2 import BackingFormat, plan_disk, read_header
+
+from ._core import StoreContext, box_key
+from ._freeze import inode
+from ._fs import dump_json, link_new_file, remove_tree, write_file
+from ._journal import Record, crashpoint
+from ._layout import SNAPSHOT_META
+from ._livestate import LiveState, check_serves, connect, read_state, stage_state, top_paths
+
+if TYPE_CHECKING:
+    from boxdisk.live import Qmp
+
+__all__ = ["live_snapshot", "recover_live_snapshot"]
+
+#: Seconds a guest agent's freeze (or thaw) may take.
+FREEZE_TIMEOUT = 10.0
+
+
+def live_snapshot(ctx: StoreContext, box_id: str, name: str, bdir: Path, qmp: Qmp,
+                  state: LiveState, opid: str) -> dict[str, Any]:
+    """Snapshot a running box (arguments checked, box locked); the journal data, with held_ms."""
+    lay = ctx.layout
+    final = lay.snapshot_dir(box_id, name)
+    stage = lay.snapshots_dir(box_id) / f".stage-{opid}"
+    tops = top_paths(bdir, state)
+    nodes = check_serves(qmp, tops)
+    entries: list[dict[str, Any]] = []
+    for i, (d, top) in enumerate(tops.items()):
+        size = read_header(top).size
+        overlay = plan_disk(size, backing_name=top.name, backing_format=BackingFormat.QCOW2)
+        stub = plan_disk(size, backing_name=os.path.relpath(top, final),
+                         backing_format=BackingFormat.QCOW2)
+        entries.append({
+            "disk": d, "top": top.name, "inode": inode(top), "size": size,
+            "overlay": f"{d.removesuffix('.qcow2')}.{opid}.qcow2",
+            "file_size": overlay.file_size, "node": nodes[d],
+            "overlay_node": f"boxdisk-{opid}-{i}", "_plans": (overlay, stub),
+        })
+    plans = [e.pop("_plans") for e in entries]
+    data: dict[str, Any] = {"box": box_id, "name": name, "stage": lay.rel(stage),
+                            "final": lay.rel(final), "created": time.time(),
+                            "qmp": state.qmp, "disks": entries}
+    with ctx.intent("live_snapshot", (box_key(box_id),), data, opid) as record:
+        crashpoint("live_snapshot", "recorded")
+        paths: list[Path] = [*ctx.journal.durable_paths(record)]
+        stage.parent.mkdir(exist_ok=True)
+        stage.mkdir()
+        write_file(stage / SNAPSHOT_META, dump_json(
+            {"box": box_id, "name": name, "created": data["created"], "live": True,
+             "disks": {e["disk"]: e["size"] for e in entries}}))
+        for e, (overlay, stub) in zip(entries, plans, strict=True):
+            write_file(stage / e["disk"], stub.writes, stub.file_size)
+            (stage / e["disk"]).chmod(0o444)
+            link_new_file(bdir / e["overlay"], overlay.writes, overlay.file_size)
+            paths += [stage / e["disk"], bdir / e["overlay"]]
+        paths += [stage / SNAPSHOT_META, stage, stage.parent, bdir]
+        crashpoint("live_snapshot", "staged")
+        ctx.barrier(paths)  # durable call 1: the new tops exist before QEMU writes to them
+        crashpoint("live_snapshot", "synced")
+        held_ms = _switch(qmp, state, bdir, entries)
+        crashpoint("live_snapshot", "switched")
+        ctx.barrier(_forward(ctx, data, record.opid))  # durable call 2
+        crashpoint("live_snapshot", "committed")
+    return {**data, "held_ms": held_ms}
+
+
+def _switch(qmp: Qmp, state: LiveState, bdir: Path, entries: list[dict[str, Any]]) -> float:
+    """Open the new tops in QEMU and switch onto all at once; how long the guest was held (ms).
+
+    With a guest agent the guest's file systems are frozen around the switch
+    (and always thawed). On any failure the new nodes are closed again and
+    nothing has switched.
+    """
+    from boxdisk.live import (  # noqa: PLC0415 - QMP only where a box runs
+        add_overlay,
+        frozen_guest,
+        remove_node,
+        switch_to_overlays,
+    )
+
+    added: list[str] = []
+    try:
+        for e in entries:
+            add_overlay(qmp, e["overlay_node"], bdir / e["overlay"])
+            added.append(e["overlay_node"])
+        agent = connect(state.guest_agent, agent=True) if state.guest_agent else None
+        try:
+            start = time.perf_counter()
+            with frozen_guest(agent, timeout=FREEZE_TIMEOUT):
+                switch_to_overlays(qmp, [(e["node"], e["overlay_node"]) for e in entries])
+            return round((time.perf_counter() - start) * 1000, 3)
+        finally:
+            if agent is not None:
+                agent.close()
+    except BaseException:
+        for node in added:
+            with contextlib.suppress(LiveError):
+                remove_node(qmp, node)
+        raise
+
+
+def _forward(ctx: StoreContext, data: dict[str, Any], opid: str) -> list[Path]:
+    """Past the switch (idempotent, unsynced): publish, record the new tops; what to sync."""
+    lay = ctx.layout
+    bdir = lay.box_dir(data["box"])
+    stage, final = lay.abs(data["stage"]), lay.abs(data["final"])
+    if os.path.lexists(stage) and not os.path.lexists(final):
+        os.rename(stage, final)
+    crashpoint("live_snapshot", "published")
+    state = read_state(bdir) or LiveState(qmp=data.get("qmp"))
+    tops = dict(state.tops)
+    frozen = list(state.frozen)
+    for e in data["disks"]:
+        if tops.get(e["disk"], [e["disk"]])[0] == e["overlay"]:
+            continue  # recorded already
+        frozen.append({"disk": e["disk"], "file": e["top"], "inode": e["inode"],
+                       "snapshot": data["name"]})
+        tops[e["disk"]] = [e["overlay"], *(inode(bdir / e["overlay"]) or [0, 0])]
+    paths = stage_state(bdir, attrs.evolve(state, tops=tops, frozen=frozen), opid)
+    return [final, final.parent, *paths]
+
+
+def _ask_qemu(data: dict[str, Any], bdir: Path) -> tuple[bool | None, Qmp | None]:
+    """Whether the box's QEMU writes to the new tops (None: no QEMU answers), and its connection."""
+    from boxdisk.live import top_files  # noqa: PLC0415
+
+    try:
+        q = connect(data["qmp"])
+    except LiveError:
+        return None, None
+    try:
+        files = list(top_files(q).values())
+    except LiveError:
+        q.close()
+        return None, None
+    overlays = [bdir / e["overlay"] for e in data["disks"]]
+    return any(_same(f, o) for f in files for o in overlays), q
+
+
+def _same(a: str, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _grown(path: Path, file_size: int) -> bool:
+    """Whether QEMU wrote into a new top (it allocated clusters: the file grew)."""
+    try:
+        return os.stat(path).st_size > file_size
+    except FileNotFoundError:
+        return False
+
+
+def recover_live_snapshot(ctx: StoreContext, record: Record) -> None:
+    """Finish a live snapshot QEMU had switched to; otherwise undo it (see the module)."""
+    data = record.data
+    lay = ctx.layout
+    bdir = lay.box_dir(data["box"])
+    published = os.path.lexists(lay.abs(data["final"]))
+    switched, q = _ask_qemu(data, bdir)
+    try:
+        if switched is None:
+            switched = any(_grown(bdir / e["overlay"], e["file_size"]) for e in data["disks"])
+        if switched or published:
+            ctx.barrier(_forward(ctx, data, record.opid))
+            return
+        if q is not None:
+            from boxdisk.live import remove_node  # noqa: PLC0415
+
+            for e in data["disks"]:
+                remove_node(q, e["overlay_node"])
+        for e in data["disks"]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(bdir / e["overlay"])
+        remove_tree(lay.abs(data["stage"]))
+    finally:
+        if q is not None:
+            q.close()

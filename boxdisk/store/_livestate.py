@@ -1,0 +1,143 @@
+"""What the store records about a box a QEMU runs (``live.json``), and how it reaches that QEMU.
+
+``live.json`` exists only for a box that is attached or whose layout a live
+snapshot changed and that has not been settled yet (``_settle``); for every
+other box reading it costs one failed open.
+
+- ``qmp``, ``guest_agent``: the sockets of the QEMU that runs the box (None
+  once detached).
+- ``tops``: disk name -> [file, device, inode] of its top where that is not
+  the disk's usual name: a live snapshot cannot rename the file QEMU writes,
+  so the new top gets a new name (``disk.OPID.qcow2``).
+- ``frozen``: oldest first, the files live snapshots froze where QEMU had
+  them: ``{"disk", "file", "inode", "snapshot"}``. The snapshot's directory
+  holds a stub until the box is settled: an empty qcow2 over the frozen file,
+  so that no header QEMU has open is ever rewritten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from boxdisk._errors import LiveError, StoreError
+
+from ._fs import dump_json, link_new_file, read_json
+from ._layout import DISK_NAMES
+
+if TYPE_CHECKING:
+    from boxdisk.live import Qmp
+
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "LIVE_META",
+    "LiveState",
+    "check_serves",
+    "connect",
+    "read_state",
+    "stage_state",
+    "top_paths",
+]
+
+#: The live state of a box, in its directory.
+LIVE_META = "live.json"
+#: Seconds to wait for a QEMU's QMP socket to answer before calling it gone.
+CONNECT_TIMEOUT = 5.0
+
+
+@attrs.frozen
+class LiveState:
+    """What ``live.json`` holds (see the module)."""
+
+    qmp: str | None = None
+    guest_agent: str | None = None
+    tops: dict[str, list[Any]] = attrs.field(factory=dict)
+    frozen: list[dict[str, Any]] = attrs.field(factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object ``live.json`` holds."""
+        return {"qmp": self.qmp, "guest_agent": self.guest_agent, "tops": self.tops,
+                "frozen": self.frozen}
+
+    @property
+    def empty(self) -> bool:
+        """Nothing to record: the file goes."""
+        return self.qmp is None and not self.tops and not self.frozen
+
+    @property
+    def settled(self) -> bool:
+        """The box has its usual layout (no live snapshot since it was last settled)."""
+        return not self.tops and not self.frozen
+
+
+def read_state(bdir: Path) -> LiveState | None:
+    """The box's live state; None when it has none (the usual case: one failed open)."""
+    path = bdir / LIVE_META
+    try:
+        raw = read_json(path)
+    except FileNotFoundError:
+        return None
+    try:
+        return LiveState(qmp=raw.get("qmp"), guest_agent=raw.get("guest_agent"),
+                         tops=dict(raw.get("tops") or {}),
+                         frozen=[dict(f) for f in raw.get("frozen") or []])
+    except (AttributeError, TypeError, ValueError) as exc:
+        msg = f"live state is malformed ({exc!r})"
+        raise StoreError(msg, path=path, field=LIVE_META) from None
+
+
+def stage_state(bdir: Path, state: LiveState | None, opid: str) -> list[Path]:
+    """Replace ``live.json`` (remove it for None or an empty state); unsynced.
+
+    The new file is linked complete under a hidden name and renamed over the
+    old one. Returns the paths a barrier must cover.
+    """
+    path = bdir / LIVE_META
+    if state is None or state.empty:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return [bdir]
+    tmp = bdir / f".{LIVE_META}.{opid}"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    link_new_file(tmp, dump_json(state.to_json()))
+    os.replace(tmp, path)
+    return [path, bdir]
+
+
+def top_paths(bdir: Path, state: LiveState | None) -> dict[str, Path]:
+    """Disk name -> the file that is its live top now (the disk name itself unless live)."""
+    out = {}
+    for d in DISK_NAMES:
+        entry = state.tops.get(d) if state is not None else None
+        path = bdir / (entry[0] if entry else d)
+        if entry or path.is_file():
+            out[d] = path
+    return out
+
+
+def connect(path: str, *, agent: bool = False) -> Qmp:
+    """A QMP (or guest-agent) connection; ``qemu.qmp`` is loaded here, on first use."""
+    from boxdisk.live import Qmp  # noqa: PLC0415 - QMP only where a box runs
+
+    return Qmp(path, timeout=CONNECT_TIMEOUT, agent=agent)
+
+
+def check_serves(qmp: Qmp, tops: dict[str, Path]) -> dict[str, str]:
+    """Disk name -> node name of each top QEMU has open for writing; LiveError otherwise."""
+    from boxdisk.live import find_nodes  # noqa: PLC0415
+
+    nodes = find_nodes(qmp, list(tops.values()))
+    out = {}
+    for d, path in tops.items():
+        node = nodes.get(os.fspath(path))
+        if node is None or node.read_only:
+            how = "open" if node is None else "open for writing"
+            msg = f"the QEMU at {qmp.path} does not have the box's disk {path.name} {how}"
+            raise LiveError(msg, path=path, field="qmp", value=qmp.path)
+        out[d] = node.name
+    return out

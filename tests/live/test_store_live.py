@@ -1,0 +1,367 @@
+"""The store with boxes a real QEMU runs: attach, live snapshot, settling, refusals, crashes.
+
+QEMU (``qemu-system-x86_64 -S``, paused, no guest kernel) opens the box's
+disks through guest devices and writes into them when the tests play the
+guest (``writes``); what it wrote is checked with qemu-io afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from boxdisk import (
+    DiskInUseError,
+    LiveError,
+    QmpCommandError,
+    QmpConnectError,
+    QmpProtocolError,
+    read_backing_file_path,
+)
+from boxdisk.live import node_file
+from boxdisk.store import BoxStore
+from boxdisk.store._journal import CRASH_ENV, TRACE_ENV
+from tests.store.helpers import (
+    MIB,
+    OS_DATA,
+    ROOTFS_DATA,
+    assert_base_data,
+    assert_reads,
+    make_bases,
+    run_store,
+)
+
+from .test_qmp import _Agent
+from .vm import Vm, writes
+
+pytestmark = pytest.mark.qemu
+
+KIB = 1024
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def store(tmp_path: Path, qemu: Any) -> BoxStore:
+    s = BoxStore(tmp_path / "store")
+    make_bases(qemu, s, tmp_path / "src")
+    s.create_box("vm1", base="os", guest_base="rootfs")
+    s.create_box("vm2", base="os")
+    return s
+
+
+def _start(tmp_path: Path, store: BoxStore, box_id: str, style: str = "blockdev",
+           name: str = "vm") -> Vm:
+    box = store.box(box_id)
+    drives = {"d0": box.disk}
+    if box.guest_disk is not None:
+        drives["d1"] = box.guest_disk
+    return Vm(tmp_path, drives, style=style, name=name)
+
+
+def _qemu_chain(vm: Vm, drive: str) -> list[str]:
+    return [node_file(f) or f for f in vm.top_chain(drive)]
+
+
+def _resolved(image: Path | None) -> str:
+    """The file an image's backing name names (resolved from its directory)."""
+    assert image is not None
+    name = read_backing_file_path(image)
+    assert name is not None
+    return os.path.normpath(os.path.join(image.parent, name))
+
+
+def _assert_no_live_leftovers(store: BoxStore, box_id: str) -> None:
+    bdir = store.box(box_id).dir
+    names = sorted(n for n in os.listdir(bdir) if n != "snapshots")
+    expected = ["box.json", "disk.qcow2"] + (["guest-rootfs.qcow2"]
+                                             if store.box(box_id).guest_disk else [])
+    assert names == sorted(expected)
+
+
+# -- attach and detach ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("style", ["blockdev", "drive"])
+def test_attach_is_seen_by_other_processes_and_detach_forgets(
+        tmp_path: Path, store: BoxStore, style: str) -> None:
+    vm = _start(tmp_path, store, "vm1", style)
+    try:
+        store.attach("vm1", vm.qmp_path)
+        assert store.box("vm1").qmp == os.fspath(vm.qmp_path)
+        with BoxStore(store.root) as other:
+            assert other.box("vm1").qmp == os.fspath(vm.qmp_path)
+        assert store.box("vm2").qmp is None
+        store.detach("vm1")
+        assert store.box("vm1").qmp is None
+        store.detach("vm1")  # idempotent
+    finally:
+        vm.quit()
+    _assert_no_live_leftovers(store, "vm1")
+
+
+def test_attach_refuses_what_is_not_the_boxs_qemu(tmp_path: Path, store: BoxStore) -> None:
+    box_dir = store.box("vm1").dir
+    before = sorted(os.listdir(box_dir))
+    with pytest.raises(QmpConnectError):
+        store.attach("vm1", tmp_path / "no-such.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(os.fspath(tmp_path / "other.sock"))
+    srv.listen(1)
+    try:
+        with pytest.raises(QmpProtocolError):
+            store.attach("vm1", tmp_path / "other.sock")
+    finally:
+        srv.close()
+    vm = _start(tmp_path, store, "vm2")  # a QEMU, but it runs another box
+    try:
+        with pytest.raises(LiveError, match="does not have the box's disk"):
+            store.attach("vm1", vm.qmp_path)
+    finally:
+        vm.quit()
+    assert sorted(os.listdir(box_dir)) == before
+    assert store.box("vm1").qmp is None
+
+
+# -- the live snapshot -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("style", ["blockdev", "drive"])
+def test_a_live_snapshot_freezes_both_disks_while_the_guest_keeps_writing(
+        tmp_path: Path, store: BoxStore, qemu: Any, style: str) -> None:
+    vm = _start(tmp_path, store, "vm1", style)
+    try:
+        store.attach("vm1", vm.qmp_path)
+        writes(vm, "d0", 0xA1, [(0, 64 * KIB)])
+        writes(vm, "d1", 0xB1, [(2 * MIB, 64 * KIB)])
+        snap = store.snapshot("vm1", "s1")
+        box = store.box("vm1")
+        # QEMU writes the new tops; what it wrote before is frozen where it was, and the
+        # snapshot reads it through a stub (no file QEMU has open was moved or rewritten).
+        frozen_files = [_qemu_chain(vm, "d0")[1], _qemu_chain(vm, "d1")[1]]
+        assert [_qemu_chain(vm, "d0")[0], _qemu_chain(vm, "d1")[0]] == [
+            os.fspath(box.disk), os.fspath(box.guest_disk)]
+        assert frozen_files == [os.fspath(box.dir / "disk.qcow2"),
+                                os.fspath(box.dir / "guest-rootfs.qcow2")]
+        assert [_resolved(snap.disk), _resolved(snap.guest_disk)] == frozen_files
+        frozen = {Path(p): _sha(Path(p)) for p in [*frozen_files, snap.disk, snap.guest_disk]}
+        writes(vm, "d0", 0xA2, [(0, 4 * KIB), (3 * MIB, 64 * KIB)])
+        writes(vm, "d1", 0xB2, [(2 * MIB, 4 * KIB)])
+        assert box.snapshots == ("s1",)
+        snap2 = store.snapshot("vm1", "s2")
+        writes(vm, "d0", 0xA3, [(4 * MIB, 64 * KIB)])
+        assert {p: _sha(p) for p in frozen} == frozen
+        chain = _qemu_chain(vm, "d0")
+        assert chain[0] == os.fspath(store.box("vm1").disk)
+        assert chain[1] == os.fspath(box.disk) == _resolved(snap2.disk)
+        assert chain[2] == frozen_files[0]
+        assert store.verify().ok, store.verify().problems
+    finally:
+        vm.quit()
+    assert {p: _sha(p) for p in frozen} == frozen
+    # The snapshots hold the guest's state at their instants; the box all of it.
+    assert_reads(qemu, snap.disk, 0xA1, 0, 64 * KIB)
+    assert_reads(qemu, snap.disk, 0x00, 3 * MIB, 64 * KIB)
+    assert snap.guest_disk is not None
+    assert_reads(qemu, snap.guest_disk, 0xB1, 2 * MIB, 64 * KIB)
+    assert_reads(qemu, snap2.disk, 0xA2, 3 * MIB, 64 * KIB)
+    assert_reads(qemu, snap2.disk, 0x00, 4 * MIB, 64 * KIB)
+    live = store.box("vm1")
+    assert_reads(qemu, live.disk, 0xA3, 4 * MIB, 64 * KIB)
+    assert_reads(qemu, live.disk, 0xA2, 0, 4 * KIB)
+    assert_reads(qemu, live.disk, 0xA1, 4 * KIB, 60 * KIB)
+    assert_base_data(qemu, snap.disk, OS_DATA[1:])
+    assert_base_data(qemu, snap.guest_disk, ROOTFS_DATA[:1])
+    for image in store._images():
+        qemu.assert_clean(image)
+    # QEMU has gone: the next operation (here detach) settles the usual layout.
+    store.detach("vm1")
+    _assert_no_live_leftovers(store, "vm1")
+    assert store.box("vm1").disk == live.dir / "disk.qcow2"
+    assert_reads(qemu, store.box("vm1").disk, 0xA3, 4 * MIB, 64 * KIB)
+    assert not os.stat(snap.disk).st_mode & 0o222
+    assert store.verify().ok, store.verify().problems
+    # and the box works offline as before
+    store.snapshot("vm1", "s3")
+    store.restore("vm1", "s1")
+    assert_reads(qemu, store.box("vm1").disk, 0xA1, 0, 64 * KIB)
+    assert store.verify().ok
+
+
+def test_a_running_box_refuses_what_needs_it_stopped(tmp_path: Path, store: BoxStore,
+                                                     qemu: Any) -> None:
+    store.snapshot("vm1", "s0")
+    vm = _start(tmp_path, store, "vm1")
+    try:
+        store.attach("vm1", vm.qmp_path)
+        for call in (lambda: store.restore("vm1", "s0"),
+                     lambda: store.remove_box("vm1"),
+                     lambda: store.clone_box("vm1", "vm3"),
+                     lambda: store.export_box("vm1", tmp_path / "out.qcow2"),
+                     lambda: store.remove_snapshot("vm1", "s0")):
+            with pytest.raises(DiskInUseError, match="running"):
+                call()
+        # A snapshot's files are immutable: exporting one is fine while the box runs.
+        store.export_box("vm1", tmp_path / "s0.qcow2", snapshot="s0")
+        qemu.assert_clean(tmp_path / "s0.qcow2")
+        assert store.list_boxes() == ["vm1", "vm2"]
+    finally:
+        vm.quit()
+
+
+def test_a_stale_attachment_is_dropped_when_the_locks_are_free(
+        tmp_path: Path, store: BoxStore, caplog: pytest.LogCaptureFixture) -> None:
+    store.snapshot("vm1", "s0")
+    vm = _start(tmp_path, store, "vm1")
+    store.attach("vm1", vm.qmp_path)
+    store.snapshot("vm1", "s1")  # live: the top has a new name now
+    vm.kill()  # QEMU gone without a word; its locks go with it
+    with caplog.at_level(logging.WARNING, logger="boxdisk.store"):
+        store.restore("vm1", "s0")
+    assert any("box_attachment_dropped" in r.getMessage() for r in caplog.records)
+    assert store.box("vm1").qmp is None
+    _assert_no_live_leftovers(store, "vm1")
+    assert store.verify().ok, store.verify().problems
+
+
+def test_a_silent_socket_with_the_disk_held_is_in_use(tmp_path: Path, store: BoxStore) -> None:
+    vm = _start(tmp_path, store, "vm1")
+    try:
+        store.attach("vm1", vm.qmp_path)
+        moved = tmp_path / "moved.sock"
+        os.rename(vm.qmp_path, moved)  # the socket is gone, QEMU still holds the disks
+        with pytest.raises(DiskInUseError, match="does not answer") as err:
+            store.restore("vm1", "nothing")
+        assert err.value.path == os.fspath(store.box("vm1").disk)
+        os.rename(moved, vm.qmp_path)
+    finally:
+        vm.quit()
+
+
+def test_a_failed_switch_leaves_the_store_and_qemu_as_they_were(
+        tmp_path: Path, store: BoxStore, qemu: Any) -> None:
+    vm = _start(tmp_path, store, "vm1")
+    agent = _Agent(tmp_path / "ga.sock", fail="guest-fsfreeze-freeze")
+    try:
+        store.attach("vm1", vm.qmp_path, guest_agent=tmp_path / "ga.sock")
+        assert agent.log == ["guest-ping"]
+        before = sorted(os.listdir(store.box("vm1").dir))
+        with pytest.raises(QmpCommandError, match="Device busy"):
+            store.snapshot("vm1", "s1")
+        assert agent.log[-2:] == ["guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
+        assert sorted(os.listdir(store.box("vm1").dir)) == before
+        assert store.box("vm1").snapshots == ()
+        assert _qemu_chain(vm, "d0")[0] == os.fspath(store.box("vm1").disk)
+        nodes = {n["node-name"] for n in vm.qmp.execute("query-named-block-nodes")}
+        assert not any(n.startswith("boxdisk-") for n in nodes)
+        writes(vm, "d0", 0x5A, [(0, 4096)])
+    finally:
+        vm.quit()
+        agent.close()
+    assert_reads(qemu, store.box("vm1").disk, 0x5A, 0, 4096)
+    store.detach("vm1")
+    assert store.verify().ok, store.verify().problems
+
+
+def test_with_a_guest_agent_the_switch_is_bracketed_by_a_freeze(
+        tmp_path: Path, store: BoxStore) -> None:
+    vm = _start(tmp_path, store, "vm2")
+    agent = _Agent(tmp_path / "ga.sock")
+    try:
+        store.attach("vm2", vm.qmp_path, guest_agent=tmp_path / "ga.sock")
+        store.snapshot("vm2", "s1")
+        assert agent.log == ["guest-ping", "guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
+    finally:
+        vm.quit()
+        agent.close()
+
+
+# -- SIGKILL of boxdisk during a live snapshot ---------------------------------------------------
+
+
+def _steps(tmp_path: Path, qemu: Any) -> list[str]:
+    """The live snapshot's step boundaries, from one uninterrupted traced run."""
+    s = BoxStore(tmp_path / "trace-store")
+    make_bases(qemu, s, tmp_path / "trace-src")
+    s.create_box("vm1", base="os", guest_base="rootfs")
+    vm = _start(tmp_path, s, "vm1", name="trace")
+    trace = tmp_path / "trace.txt"
+    try:
+        s.attach("vm1", vm.qmp_path)
+        proc = run_store(s.root, "snapshot", "vm1", "s1", env={TRACE_ENV: os.fspath(trace)})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    finally:
+        vm.quit()
+        s.close()
+    steps = [line for line in trace.read_text().split() if line.startswith("live_snapshot:")]
+    assert "live_snapshot:switched" in steps
+    return steps
+
+
+def test_sigkill_at_every_step_of_a_live_snapshot_is_recovered(
+        tmp_path: Path, store: BoxStore, qemu: Any) -> None:
+    steps = _steps(tmp_path, qemu)
+    vm = _start(tmp_path, store, "vm1")
+    try:
+        store.attach("vm1", vm.qmp_path)
+        taken = 0
+        for i, step in enumerate(steps):
+            name = f"s{i}"
+            writes(vm, "d0", 0x10 + i, [(i * 64 * KIB, 64 * KIB)])
+            proc = run_store(store.root, "snapshot", "vm1", name, env={CRASH_ENV: step})
+            assert proc.returncode == -9, (step, proc.stdout, proc.stderr)
+            with BoxStore(store.root) as again:  # opening recovers, asking QEMU
+                box = again.box("vm1")
+                chain = _qemu_chain(vm, "d0")
+                assert os.path.samefile(chain[0], box.disk), step
+                if guest := box.guest_disk:
+                    assert os.path.samefile(_qemu_chain(vm, "d1")[0], guest), step
+                switched = name in box.snapshots
+                past = steps.index(step) >= steps.index("live_snapshot:switched")
+                assert switched == past, step
+                taken += switched
+                # Each switch leaves QEMU two overlay nodes (its tops); an undone one, none.
+                nodes = [n["node-name"] for n in vm.qmp.execute("query-named-block-nodes",
+                                                                {"flat": True})]
+                assert sum(n.startswith("boxdisk-") for n in nodes) == 2 * taken, step
+                report = again.verify()
+                assert report.ok, (step, report.problems)
+            # The guest keeps writing after each recovery, and every write before stays.
+            writes(vm, "d0", 0x80 + i, [(8 * MIB + i * 64 * KIB, 64 * KIB)])
+    finally:
+        vm.quit()
+    store.detach("vm1")
+    box = store.box("vm1")
+    for i in range(len(steps)):
+        assert_reads(qemu, box.disk, 0x10 + i, i * 64 * KIB, 64 * KIB)
+        assert_reads(qemu, box.disk, 0x80 + i, 8 * MIB + i * 64 * KIB, 64 * KIB)
+    for image in store._images():
+        qemu.assert_clean(image)
+    assert store.verify().ok, store.verify().problems
+    _assert_no_live_leftovers(store, "vm1")
+
+
+def test_boxdisk_and_qemu_both_killed_after_the_switch(tmp_path: Path, store: BoxStore,
+                                                       qemu: Any) -> None:
+    vm = _start(tmp_path, store, "vm1")
+    store.attach("vm1", vm.qmp_path)
+    writes(vm, "d0", 0x61, [(0, 64 * KIB)])
+    proc = run_store(store.root, "snapshot", "vm1", "s1",
+                     env={CRASH_ENV: "live_snapshot:switched"})
+    assert proc.returncode == -9
+    writes(vm, "d0", 0x62, [(MIB, 64 * KIB)])  # into the overlay: it grows
+    vm.kill()
+    with BoxStore(store.root) as again:  # no QEMU to ask: the overlay grew, so it switched
+        assert again.box("vm1").snapshots == ("s1",)
+        again.restore("vm1", "s1")  # settles, then restores
+        assert again.verify().ok, again.verify().problems
+        assert_reads(qemu, again.snapshot_info("vm1", "s1").disk, 0x61, 0, 64 * KIB)
+        assert_reads(qemu, again.box("vm1").disk, 0x61, 0, 64 * KIB)
