@@ -365,3 +365,64 @@ def test_boxdisk_and_qemu_both_killed_after_the_switch(tmp_path: Path, store: Bo
         assert again.verify().ok, again.verify().problems
         assert_reads(qemu, again.snapshot_info("vm1", "s1").disk, 0x61, 0, 64 * KIB)
         assert_reads(qemu, again.box("vm1").disk, 0x61, 0, 64 * KIB)
+
+
+def _two_live_snapshots(tmp_path: Path, store: BoxStore, name: str) -> None:
+    """vm1 snapshotted twice while QEMU writes, then QEMU gone: a box left to settle."""
+    vm = _start(tmp_path, store, "vm1", name=name)
+    try:
+        store.attach("vm1", vm.qmp_path)
+        writes(vm, "d0", 0x31, [(0, 64 * KIB)])
+        writes(vm, "d1", 0x41, [(MIB, 64 * KIB)])
+        store.snapshot("vm1", "s1")
+        writes(vm, "d0", 0x32, [(MIB, 64 * KIB)])
+        store.snapshot("vm1", "s2")
+        writes(vm, "d0", 0x33, [(2 * MIB, 64 * KIB)])
+        writes(vm, "d1", 0x43, [(MIB, 4 * KIB)])
+    finally:
+        vm.quit()
+
+
+def _assert_settled_content(qemu: Any, store: BoxStore) -> None:
+    s1, s2 = store.snapshot_info("vm1", "s1"), store.snapshot_info("vm1", "s2")
+    box = store.box("vm1")
+    assert_reads(qemu, s1.disk, 0x31, 0, 64 * KIB)
+    assert_reads(qemu, s1.disk, 0x00, MIB, 64 * KIB)
+    assert_reads(qemu, s2.disk, 0x32, MIB, 64 * KIB)
+    assert_reads(qemu, s2.disk, 0x00, 2 * MIB, 64 * KIB)
+    assert_reads(qemu, box.disk, 0x33, 2 * MIB, 64 * KIB)
+    assert_reads(qemu, box.disk, 0x31, 0, 64 * KIB)
+    assert box.guest_disk is not None and s1.guest_disk is not None
+    assert_reads(qemu, s1.guest_disk, 0x41, MIB, 64 * KIB)
+    assert_reads(qemu, box.guest_disk, 0x43, MIB, 4 * KIB)
+    assert_base_data(qemu, s1.disk, OS_DATA[1:])
+    for image in store._images():
+        qemu.assert_clean(image)
+
+
+def test_sigkill_at_every_step_of_settling_is_recovered(tmp_path: Path, qemu: Any) -> None:
+    # The steps, from one traced run.
+    trace_store = BoxStore(tmp_path / "trace")
+    make_bases(qemu, trace_store, tmp_path / "trace-src")
+    trace_store.create_box("vm1", base="os", guest_base="rootfs")
+    _two_live_snapshots(tmp_path, trace_store, "trace")
+    trace = tmp_path / "trace.txt"
+    proc = run_store(trace_store.root, "detach", "vm1", env={TRACE_ENV: os.fspath(trace)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    steps = [line for line in trace.read_text().split() if line.startswith("settle:")]
+    assert len(steps) >= 4, steps
+    _assert_settled_content(qemu, trace_store)
+    trace_store.close()
+    for i, step in enumerate(steps):
+        s = BoxStore(tmp_path / f"store{i}")
+        make_bases(qemu, s, tmp_path / f"src{i}")
+        s.create_box("vm1", base="os", guest_base="rootfs")
+        _two_live_snapshots(tmp_path, s, f"vm{i}")
+        proc = run_store(s.root, "detach", "vm1", env={CRASH_ENV: step})
+        assert proc.returncode == -9, (step, proc.stdout, proc.stderr)
+        s.close()
+        with BoxStore(tmp_path / f"store{i}") as again:  # recovery finishes the settle
+            report = again.verify()
+            assert report.ok, (step, report.problems)
+            _assert_no_live_leftovers(again, "vm1")
+            _assert_settled_content(qemu, again)
