@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from boxdisk._errors import AlreadyExistsError, NotFoundError
 from boxdisk._locks import ensure_not_in_use
@@ -26,9 +26,14 @@ from ._freeze import (
 from ._fs import dump_json, make_read_only, remove_tree, write_file
 from ._journal import Record, crashpoint, new_opid
 from ._layout import BOX_META, CLONE_META, CONTAINER_DISK, DISK_NAMES
-from ._live import ensure_stopped
+from ._live import ensure_stopped, stopped
+from ._live_snapshot import live_clone
+from ._livestate import LiveState
 from ._queries import files_bytes
 from ._values import Box
+
+if TYPE_CHECKING:
+    from boxdisk.live import Qmp
 
 __all__ = ["clone_box", "export_box", "recover_clone"]
 
@@ -42,11 +47,13 @@ def clone_box(ctx: StoreContext, src_id: str, dst_id: str) -> Box:
     keys = (box_key(src_id), box_key(dst_id))
     with ctx.operation("clone_box", keys):
         sdir = ctx.box_dir(src_id)
-        ensure_stopped(ctx, src_id, sdir, "clone the box")
         ddir = lay.box_dir(dst_id)
         if os.path.lexists(ddir):
             msg = f"box {dst_id!r} already exists"
             raise AlreadyExistsError(msg, path=ddir, field="box_id", value=dst_id)
+        with stopped(ctx, src_id, sdir, "clone the box", live=True) as (qmp, state):
+            if qmp is not None and state is not None:
+                return _live(ctx, src_id, dst_id, sdir, qmp, state, start)
         disks = ctx.idle_disks(sdir, "clone the box (freezing its live disk)")
         src_meta = ctx.read_meta(sdir / BOX_META, "box")
         opid = new_opid()
@@ -93,6 +100,26 @@ def clone_box(ctx: StoreContext, src_id: str, dst_id: str) -> Box:
                size=entries[0]["size"],
                guest_size=entries[1]["size"] if guest is not None else None,
                host_bytes=files_bytes([ddir / BOX_META, *(ddir / d for d in disks)]),
+               created=meta["created"], clone_of=src_id)
+
+
+def _live(ctx: StoreContext, src_id: str, dst_id: str, sdir: Path, qmp: Qmp,
+          state: LiveState, start: float) -> Box:
+    """Clone a running box: QEMU switches it onto new tops, the clone over the frozen state."""
+    src_meta = ctx.read_meta(sdir / BOX_META, "box")
+    meta: dict[str, Any] = {"id": dst_id, "created": time.time(),
+                            "base": src_meta.get("base"),
+                            "guest_base": src_meta.get("guest_base"), "clone_of": src_id}
+    data = live_clone(ctx, src_id, dst_id, sdir, qmp, state, new_opid(), meta)
+    log.info("box_cloned", src=src_id, dst=dst_id, clone_base=data["final"], ms=ms(start))
+    entries = data["disks"]
+    ddir = ctx.layout.box_dir(dst_id)
+    guest = ddir / DISK_NAMES[1] if len(entries) > 1 else None
+    return Box(id=dst_id, dir=ddir, disk=ddir / CONTAINER_DISK, guest_disk=guest,
+               base=meta["base"], guest_base=meta["guest_base"], snapshots=(),
+               size=entries[0]["size"],
+               guest_size=entries[1]["size"] if guest is not None else None,
+               host_bytes=files_bytes([ddir / BOX_META, *(ddir / e["disk"] for e in entries)]),
                created=meta["created"], clone_of=src_id)
 
 

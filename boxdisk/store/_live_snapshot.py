@@ -29,28 +29,83 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from boxdisk._errors import LiveError
-from boxdisk.qcow2 import BackingFormat, plan_disk, read_header
+from boxdisk.qcow2 import BackingFormat, ImagePlan, plan_disk, read_header
 
 from ._core import StoreContext, box_key
 from ._freeze import inode
 from ._fs import dump_json, link_new_file, remove_tree, write_file
 from ._journal import Record, crashpoint
-from ._layout import SNAPSHOT_META
+from ._layout import BOX_META, CLONE_META, SNAPSHOT_META
 from ._livestate import LiveState, check_serves, connect, read_state, stage_state, top_paths
 
 if TYPE_CHECKING:
     from boxdisk.live import Qmp
 
-__all__ = ["live_snapshot", "recover_live_snapshot"]
+__all__ = ["live_clone", "live_snapshot", "recover_live_snapshot"]
 
 #: Seconds a guest agent's freeze (or thaw) may take.
 FREEZE_TIMEOUT = 10.0
+
+
+def _entries(qmp: Qmp, state: LiveState, bdir: Path, frozen_dir: Path,
+             opid: str) -> tuple[list[dict[str, Any]], list[tuple[ImagePlan, ImagePlan]]]:
+    """Per disk: the journal entry, and the plans of its new top and of its stub."""
+    tops = top_paths(bdir, state)
+    nodes = check_serves(qmp, tops)
+    entries: list[dict[str, Any]] = []
+    plans = []
+    for i, (d, top) in enumerate(tops.items()):
+        size = read_header(top).size
+        overlay = plan_disk(size, backing_name=top.name, backing_format=BackingFormat.QCOW2)
+        stub = plan_disk(size, backing_name=os.path.relpath(top, frozen_dir),
+                         backing_format=BackingFormat.QCOW2)
+        entries.append({
+            "disk": d, "top": top.name, "inode": inode(top), "size": size,
+            "overlay": f"{d.removesuffix('.qcow2')}.{opid}.qcow2",
+            "file_size": overlay.file_size, "node": nodes[d],
+            "overlay_node": f"boxdisk-{opid}-{i}",
+        })
+        plans.append((overlay, stub))
+    return entries, plans
+
+
+def _stage(bdir: Path, stage: Path, meta_name: str, meta: dict[str, Any],
+           entries: list[dict[str, Any]], plans: list[tuple[ImagePlan, ImagePlan]]) -> list[Path]:
+    """The staged directory of stubs, and the new tops beside the old; unsynced."""
+    stage.parent.mkdir(exist_ok=True)
+    stage.mkdir()
+    write_file(stage / meta_name, dump_json(meta))
+    paths = [stage / meta_name, stage, stage.parent, bdir]
+    for e, (overlay, stub) in zip(entries, plans, strict=True):
+        write_file(stage / e["disk"], stub.writes, stub.file_size)
+        (stage / e["disk"]).chmod(0o444)
+        link_new_file(bdir / e["overlay"], overlay.writes, overlay.file_size)
+        paths += [stage / e["disk"], bdir / e["overlay"]]
+    return paths
+
+
+def _run(ctx: StoreContext, op: str, keys: tuple[str, ...], data: dict[str, Any],
+         qmp: Qmp, state: LiveState, bdir: Path, opid: str,
+         staged: Callable[[], list[Path]]) -> float:
+    """Journal, stage (``staged``), barrier, switch, publish, barrier; the held interval."""
+    with ctx.intent(op, keys, data, opid) as record:
+        crashpoint(op, "recorded")
+        paths = [*ctx.journal.durable_paths(record), *staged()]
+        crashpoint(op, "staged")
+        ctx.barrier(paths)  # durable call 1: the new tops exist before QEMU writes to them
+        crashpoint(op, "synced")
+        held_ms = _switch(qmp, state, bdir, data["disks"])
+        crashpoint(op, "switched")
+        ctx.barrier(_forward(ctx, data, record.opid))  # durable call 2
+        crashpoint(op, "committed")
+    return held_ms
 
 
 def live_snapshot(ctx: StoreContext, box_id: str, name: str, bdir: Path, qmp: Qmp,
@@ -59,45 +114,52 @@ def live_snapshot(ctx: StoreContext, box_id: str, name: str, bdir: Path, qmp: Qm
     lay = ctx.layout
     final = lay.snapshot_dir(box_id, name)
     stage = lay.snapshots_dir(box_id) / f".stage-{opid}"
-    tops = top_paths(bdir, state)
-    nodes = check_serves(qmp, tops)
-    entries: list[dict[str, Any]] = []
-    for i, (d, top) in enumerate(tops.items()):
-        size = read_header(top).size
-        overlay = plan_disk(size, backing_name=top.name, backing_format=BackingFormat.QCOW2)
-        stub = plan_disk(size, backing_name=os.path.relpath(top, final),
-                         backing_format=BackingFormat.QCOW2)
-        entries.append({
-            "disk": d, "top": top.name, "inode": inode(top), "size": size,
-            "overlay": f"{d.removesuffix('.qcow2')}.{opid}.qcow2",
-            "file_size": overlay.file_size, "node": nodes[d],
-            "overlay_node": f"boxdisk-{opid}-{i}", "_plans": (overlay, stub),
-        })
-    plans = [e.pop("_plans") for e in entries]
-    data: dict[str, Any] = {"box": box_id, "name": name, "stage": lay.rel(stage),
-                            "final": lay.rel(final), "created": time.time(),
+    entries, plans = _entries(qmp, state, bdir, final, opid)
+    data: dict[str, Any] = {"kind": "snapshot", "box": box_id, "name": name,
+                            "stage": lay.rel(stage), "final": lay.rel(final),
+                            "created": time.time(), "qmp": state.qmp, "disks": entries}
+    meta = {"box": box_id, "name": name, "created": data["created"], "live": True,
+            "disks": {e["disk"]: e["size"] for e in entries}}
+    held_ms = _run(ctx, "live_snapshot", (box_key(box_id),), data, qmp, state, bdir, opid,
+                   lambda: _stage(bdir, stage, SNAPSHOT_META, meta, entries, plans))
+    return {**data, "held_ms": held_ms}
+
+
+def live_clone(ctx: StoreContext, src_id: str, dst_id: str, bdir: Path, qmp: Qmp,
+               state: LiveState, opid: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """Clone a running box: a live freeze whose stubs make the clone base, and the new box.
+
+    The clone base (``clones/CID``) holds stubs over the frozen files, the new
+    box children over the stubs; both are published after the switch.
+    """
+    lay = ctx.layout
+    cdir = lay.clone_dir(opid)
+    cstage = lay.clones / f".stage-{opid}"
+    dstage = lay.boxes / f".stage-{opid}"
+    entries, plans = _entries(qmp, state, bdir, cdir, opid)
+    data: dict[str, Any] = {"kind": "clone", "box": src_id, "dst": dst_id,
+                            "stage": lay.rel(cstage), "final": lay.rel(cdir),
+                            "dst_stage": lay.rel(dstage), "created": meta["created"],
                             "qmp": state.qmp, "disks": entries}
-    with ctx.intent("live_snapshot", (box_key(box_id),), data, opid) as record:
-        crashpoint("live_snapshot", "recorded")
-        paths: list[Path] = [*ctx.journal.durable_paths(record)]
-        stage.parent.mkdir(exist_ok=True)
-        stage.mkdir()
-        write_file(stage / SNAPSHOT_META, dump_json(
-            {"box": box_id, "name": name, "created": data["created"], "live": True,
-             "disks": {e["disk"]: e["size"] for e in entries}}))
-        for e, (overlay, stub) in zip(entries, plans, strict=True):
-            write_file(stage / e["disk"], stub.writes, stub.file_size)
-            (stage / e["disk"]).chmod(0o444)
-            link_new_file(bdir / e["overlay"], overlay.writes, overlay.file_size)
-            paths += [stage / e["disk"], bdir / e["overlay"]]
-        paths += [stage / SNAPSHOT_META, stage, stage.parent, bdir]
-        crashpoint("live_snapshot", "staged")
-        ctx.barrier(paths)  # durable call 1: the new tops exist before QEMU writes to them
-        crashpoint("live_snapshot", "synced")
-        held_ms = _switch(qmp, state, bdir, entries)
-        crashpoint("live_snapshot", "switched")
-        ctx.barrier(_forward(ctx, data, record.opid))  # durable call 2
-        crashpoint("live_snapshot", "committed")
+    clone_meta = {"source": src_id, "dest": dst_id, "created": meta["created"], "live": True,
+                  "disks": [e["disk"] for e in entries]}
+
+    def staged() -> list[Path]:
+        paths = _stage(bdir, cstage, CLONE_META, clone_meta, entries, plans)
+        dstage.mkdir()
+        (dstage / "snapshots").mkdir()
+        write_file(dstage / BOX_META, dump_json(meta))
+        paths += [dstage / BOX_META, dstage, lay.boxes]
+        for e in entries:
+            child = plan_disk(e["size"], backing_name=os.path.relpath(cdir / e["disk"],
+                                                                      lay.box_dir(dst_id)),
+                              backing_format=BackingFormat.QCOW2)
+            write_file(dstage / e["disk"], child.writes, child.file_size)
+            paths.append(dstage / e["disk"])
+        return paths
+
+    keys = (box_key(src_id), box_key(dst_id))
+    held_ms = _run(ctx, "live_clone", keys, data, qmp, state, bdir, opid, staged)
     return {**data, "held_ms": held_ms}
 
 
@@ -143,18 +205,24 @@ def _forward(ctx: StoreContext, data: dict[str, Any], opid: str) -> list[Path]:
     stage, final = lay.abs(data["stage"]), lay.abs(data["final"])
     if os.path.lexists(stage) and not os.path.lexists(final):
         os.rename(stage, final)
-    crashpoint("live_snapshot", "published")
+    paths = [final, final.parent]
+    if data["kind"] == "clone":
+        dstage, ddir = lay.abs(data["dst_stage"]), lay.box_dir(data["dst"])
+        if os.path.lexists(dstage) and not os.path.lexists(ddir):
+            os.rename(dstage, ddir)
+        paths.append(lay.boxes)
+    crashpoint(f"live_{data['kind']}", "published")
+    where = ({"snapshot": data["name"]} if data["kind"] == "snapshot"
+             else {"clone": final.name})
     state = read_state(bdir) or LiveState(qmp=data.get("qmp"))
     tops = dict(state.tops)
     frozen = list(state.frozen)
     for e in data["disks"]:
         if tops.get(e["disk"], [e["disk"]])[0] == e["overlay"]:
             continue  # recorded already
-        frozen.append({"disk": e["disk"], "file": e["top"], "inode": e["inode"],
-                       "snapshot": data["name"]})
+        frozen.append({"disk": e["disk"], "file": e["top"], "inode": e["inode"], **where})
         tops[e["disk"]] = [e["overlay"], *(inode(bdir / e["overlay"]) or [0, 0])]
-    paths = stage_state(bdir, attrs.evolve(state, tops=tops, frozen=frozen), opid)
-    return [final, final.parent, *paths]
+    return [*paths, *stage_state(bdir, attrs.evolve(state, tops=tops, frozen=frozen), opid)]
 
 
 def _ask_qemu(data: dict[str, Any], bdir: Path) -> tuple[bool | None, Qmp | None]:
@@ -190,7 +258,7 @@ def _grown(path: Path, file_size: int) -> bool:
 
 
 def recover_live_snapshot(ctx: StoreContext, record: Record) -> None:
-    """Finish a live snapshot QEMU had switched to; otherwise undo it (see the module)."""
+    """Finish a live snapshot (or clone) QEMU had switched to; otherwise undo it."""
     data = record.data
     lay = ctx.layout
     bdir = lay.box_dir(data["box"])
@@ -211,6 +279,8 @@ def recover_live_snapshot(ctx: StoreContext, record: Record) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(bdir / e["overlay"])
         remove_tree(lay.abs(data["stage"]))
+        if data["kind"] == "clone":
+            remove_tree(lay.abs(data["dst_stage"]))
     finally:
         if q is not None:
             q.close()

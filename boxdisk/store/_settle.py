@@ -39,12 +39,21 @@ __all__ = ["recover_settle", "settle"]
 log = get_logger(__name__)
 
 
+def _target(ctx: StoreContext, box_id: str, frozen: dict[str, Any]) -> Path:
+    """Where a frozen file belongs: its snapshot's directory, or its clone base's."""
+    lay = ctx.layout
+    disk = str(frozen["disk"])
+    if "clone" in frozen:
+        return lay.clone_dir(str(frozen["clone"])) / disk
+    return lay.snapshot_dir(box_id, str(frozen["snapshot"])) / disk
+
+
 def _plan(ctx: StoreContext, box_id: str, bdir: Path, state: LiveState) -> list[dict[str, Any]]:
     """One step per frozen file: where it goes, its backing name there, who names it."""
     lay = ctx.layout
     steps: list[dict[str, Any]] = []
     for i, f in enumerate(state.frozen):
-        target = lay.snapshot_dir(box_id, f["snapshot"]) / f["disk"]
+        target = _target(ctx, box_id, f)
         later = [g for g in state.frozen[i + 1:] if g["disk"] == f["disk"]]
         above = later[0]["file"] if later else state.tops[f["disk"]][0]
         frozen = bdir / f["file"]
@@ -72,7 +81,9 @@ def settle(ctx: StoreContext, box_id: str, bdir: Path, state: LiveState) -> None
             ctx.barrier(stage_state(bdir, None, ""))
         return
     names = [e[0] for e in state.tops.values()] + [f["file"] for f in state.frozen]
-    if any(image_in_use(bdir / n) for n in names if (bdir / n).exists()):
+    # A stub in use (a clone's QEMU reads through it) must not be replaced under it either.
+    stubs = [_target(ctx, box_id, f) for f in state.frozen]
+    if any(image_in_use(p) for p in [*(bdir / n for n in names), *stubs] if p.exists()):
         return
     opid = new_opid()
     data = {"box": box_id, "qmp": state.qmp, "guest_agent": state.guest_agent,

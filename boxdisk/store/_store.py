@@ -99,6 +99,7 @@ _RECOVERY = {
     "restore": _snapshots.recover_restore,
     "clone_box": _clones.recover_clone,
     "live_snapshot": _live_snapshot.recover_live_snapshot,
+    "live_clone": _live_snapshot.recover_live_snapshot,
     "settle": _settle.recover_settle,
     "remove_snapshot": _removal.recover_remove_snapshot,
     "remove_box": _removal.recover_remove_box,

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from boxdisk import (
+    DependentsExistError,
     DiskInUseError,
     LiveError,
     QmpCommandError,
@@ -204,7 +205,6 @@ def test_a_running_box_refuses_what_needs_it_stopped(tmp_path: Path, store: BoxS
         store.attach("vm1", vm.qmp_path)
         for call in (lambda: store.restore("vm1", "s0"),
                      lambda: store.remove_box("vm1"),
-                     lambda: store.clone_box("vm1", "vm3"),
                      lambda: store.export_box("vm1", tmp_path / "out.qcow2"),
                      lambda: store.remove_snapshot("vm1", "s0")):
             with pytest.raises(DiskInUseError, match="running"):
@@ -426,3 +426,101 @@ def test_sigkill_at_every_step_of_settling_is_recovered(tmp_path: Path, qemu: An
             assert report.ok, (step, report.problems)
             _assert_no_live_leftovers(again, "vm1")
             _assert_settled_content(qemu, again)
+
+
+# -- the live clone ----------------------------------------------------------------------------
+
+
+def test_a_live_clone_sees_the_state_at_clone_time_and_none_of_the_later_writes(
+        tmp_path: Path, store: BoxStore, qemu: Any) -> None:
+    vm = _start(tmp_path, store, "vm1")
+    try:
+        store.attach("vm1", vm.qmp_path)
+        writes(vm, "d0", 0xC1, [(0, 64 * KIB)])
+        writes(vm, "d1", 0xD1, [(MIB, 64 * KIB)])
+        clone = store.clone_box("vm1", "vm3")
+        writes(vm, "d0", 0xC2, [(0, 4 * KIB), (2 * MIB, 64 * KIB)])
+        assert clone.clone_of == "vm1" and clone.guest_disk is not None
+        assert os.path.samefile(_qemu_chain(vm, "d0")[0], store.box("vm1").disk)
+        # The clone can run beside it (its own QEMU) and diverge.
+        vm3 = _start(tmp_path, store, "vm3", name="vm3")
+        try:
+            writes(vm3, "d0", 0xE1, [(3 * MIB, 64 * KIB)])
+            assert store.verify().ok, store.verify().problems
+        finally:
+            vm3.quit()
+    finally:
+        vm.quit()
+    assert_reads(qemu, clone.disk, 0xC1, 0, 64 * KIB)
+    assert_reads(qemu, clone.disk, 0x00, 2 * MIB, 64 * KIB)
+    assert_reads(qemu, clone.disk, 0xE1, 3 * MIB, 64 * KIB)
+    assert_reads(qemu, clone.guest_disk, 0xD1, MIB, 64 * KIB)
+    src = store.box("vm1")
+    assert_reads(qemu, src.disk, 0xC2, 2 * MIB, 64 * KIB)
+    assert_reads(qemu, src.disk, 0x00, 3 * MIB, 64 * KIB)
+    store.detach("vm1")  # settles: the clone base gets the frozen files in place of stubs
+    _assert_no_live_leftovers(store, "vm1")
+    assert_reads(qemu, store.box("vm3").disk, 0xC1, 0, 64 * KIB)
+    assert_reads(qemu, store.box("vm3").disk, 0xE1, 3 * MIB, 64 * KIB)
+    assert_reads(qemu, store.box("vm1").disk, 0xC2, 2 * MIB, 64 * KIB)
+    for image in store._images():
+        qemu.assert_clean(image)
+    assert store.verify().ok, store.verify().problems
+    store.remove_box("vm1")  # the clone keeps its base
+    assert_reads(qemu, store.box("vm3").disk, 0xC1, 0, 64 * KIB)
+    assert store.verify().ok, store.verify().problems
+
+
+def test_settling_waits_while_a_clone_runs_on_the_stub(tmp_path: Path, store: BoxStore,
+                                                      qemu: Any) -> None:
+    vm = _start(tmp_path, store, "vm1")
+    store.attach("vm1", vm.qmp_path)
+    writes(vm, "d0", 0xC5, [(0, 64 * KIB)])
+    store.clone_box("vm1", "vm3")
+    vm.quit()
+    vm3 = _start(tmp_path, store, "vm3", name="vm3")  # reads through the clone base's stub
+    try:
+        store.detach("vm1")
+        assert (store.box("vm1").dir / "live.json").exists()  # not settled under vm3's QEMU
+        with pytest.raises(DependentsExistError):
+            store.remove_box("vm1")
+        writes(vm3, "d0", 0xE5, [(MIB, 4 * KIB)])
+    finally:
+        vm3.quit()
+    store.snapshot("vm1", "later")  # vm3 stopped: the next operation settles vm1 first
+    _assert_no_live_leftovers(store, "vm1")
+    assert_reads(qemu, store.box("vm3").disk, 0xC5, 0, 64 * KIB)
+    assert store.verify().ok, store.verify().problems
+
+
+def test_sigkill_at_every_step_of_a_live_clone_is_recovered(tmp_path: Path, store: BoxStore,
+                                                            qemu: Any) -> None:
+    vm = _start(tmp_path, store, "vm1")
+    trace = tmp_path / "trace.txt"
+    try:
+        store.attach("vm1", vm.qmp_path)
+        proc = run_store(store.root, "clone_box", "vm1", "traced",
+                         env={TRACE_ENV: os.fspath(trace)})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        steps = [x for x in trace.read_text().split() if x.startswith("live_clone:")]
+        assert "live_clone:switched" in steps
+        for i, step in enumerate(steps):
+            writes(vm, "d0", 0x10 + i, [(i * 64 * KIB, 64 * KIB)])
+            proc = run_store(store.root, "clone_box", "vm1", f"c{i}", env={CRASH_ENV: step})
+            assert proc.returncode == -9, (step, proc.stdout, proc.stderr)
+            with BoxStore(store.root) as again:
+                past = steps.index(step) >= steps.index("live_clone:switched")
+                assert (f"c{i}" in again.list_boxes()) == past, step
+                assert os.path.samefile(_qemu_chain(vm, "d0")[0], again.box("vm1").disk)
+                report = again.verify()
+                assert report.ok, (step, report.problems)
+                if past:
+                    assert_reads(qemu, again.box(f"c{i}").disk, 0x10 + i, i * 64 * KIB,
+                                 64 * KIB)
+    finally:
+        vm.quit()
+    store.detach("vm1")
+    for image in store._images():
+        qemu.assert_clean(image)
+    assert store.verify().ok, store.verify().problems
+    _assert_no_live_leftovers(store, "vm1")
