@@ -52,13 +52,11 @@ class Qmp:
         if agent:  # the guest agent sends no greeting and negotiates nothing
             self._client.await_greeting = False
             self._client.negotiate = False
-        self._connected = False
         try:
             self._run(self._client.connect(self.path), what="connect")
         except BaseException:
-            self._loop.close()
+            self.close()  # a half-made connection leaves tasks to settle before the loop goes
             raise
-        self._connected = True
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -118,13 +116,20 @@ class Qmp:
 
     def close(self) -> None:
         """Disconnect (idempotent)."""
-        if self._connected:
-            self._connected = False
-            # QEMU may have gone (quit, killed): its end of the socket is closed already.
-            with contextlib.suppress(QMPError, OSError, EOFError, asyncio.TimeoutError):
-                self._loop.run_until_complete(asyncio.wait_for(self._client.disconnect(),
-                                                               self.timeout))
-        if not self._loop.is_closed():
+        if self._loop.is_closed():
+            return
+        if asyncio._get_running_loop() is not None:
+            # Called from inside another event loop (a collected connection, say): no loop
+            # can run here, so the socket is just dropped with the loop.
+            self._loop.close()
+            return
+        try:
+            # QEMU may have gone (quit, killed): its end is closed already, which is fine.
+            self._loop.run_until_complete(
+                asyncio.wait_for(self._client.disconnect(), self.timeout))
+        except (QMPError, OSError, EOFError, TimeoutError):
+            pass
+        finally:
             self._loop.close()
 
     def __enter__(self) -> Qmp:

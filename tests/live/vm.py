@@ -124,6 +124,8 @@ class Vm:
         """Stop QEMU at once."""
         if self.proc.poll() is None:
             self.proc.kill()
+        if (qmp := getattr(self, "qmp", None)) is not None:  # not made yet if QEMU failed
+            qmp.close()
         self.proc.wait()
         self._reader.join(timeout=5)
         for f in (self.proc.stdout, self.proc.stderr):
