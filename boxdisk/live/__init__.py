@@ -19,6 +19,7 @@ from ._block import (
     run_job,
     switch_to_overlays,
     top_files,
+    wait_job,
 )
 from ._qmp import DEFAULT_TIMEOUT, Qmp
 
@@ -39,4 +40,5 @@ __all__ = [
     "run_job",
     "switch_to_overlays",
     "top_files",
+    "wait_job",
 ]

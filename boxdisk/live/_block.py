@@ -31,6 +31,7 @@ __all__ = [
     "run_job",
     "switch_to_overlays",
     "top_files",
+    "wait_job",
 ]
 
 log = get_logger(__name__)
@@ -195,9 +196,21 @@ def run_job(qmp: Qmp, command: str, arguments: dict[str, Any], *, job_id: str,
     :class:`~boxdisk.BlockJobError` with QEMU's error text.
     """
     args = {**arguments, "job-id": job_id, "auto-dismiss": False}
-    start = time.monotonic()
     qmp.execute(command, args)
     log.info("block_job_started", socket=qmp.path, job=job_id, command=command)
+    wait_job(qmp, job_id, command, progress=progress, timeout=timeout,
+             complete_when_ready=complete_when_ready, poll=poll)
+
+
+def wait_job(qmp: Qmp, job_id: str, command: str, *, progress: Progress | None = None,
+             timeout: float = 3600.0, complete_when_ready: bool = True,
+             poll: float = 0.02) -> None:
+    """Drive a job QEMU runs (started by :func:`run_job`, or by a process that died) to its end.
+
+    As :func:`run_job` from the start on: progress, completion when ready,
+    cancellation on an exception or past ``timeout``, BlockJobError on failure.
+    """
+    start = time.monotonic()
     try:
         job = _until_concluded(qmp, job_id, command, progress=progress,
                                deadline=start + timeout, complete=complete_when_ready, poll=poll)

@@ -26,7 +26,8 @@ from ._freeze import (
 from ._fs import dump_json, make_read_only, remove_tree, write_file
 from ._journal import Record, crashpoint, new_opid
 from ._layout import BOX_META, CLONE_META, CONTAINER_DISK, DISK_NAMES
-from ._live import ensure_stopped, stopped
+from ._live import stopped
+from ._live_export import live_export, log_export
 from ._live_snapshot import live_clone
 from ._livestate import LiveState
 from ._queries import files_bytes
@@ -157,14 +158,21 @@ def recover_clone(ctx: StoreContext, record: Record) -> None:
 
 
 def export_box(ctx: StoreContext, box_id: str, dest: Path, *, snapshot: str | None,
-               guest: bool, overwrite: bool, progress: Progress | None) -> Path:
+               guest: bool, overwrite: bool, progress: Progress | None,
+               keep_snapshot: bool = False) -> Path:
     """Flatten a box's live disk (or a snapshot's) into one standalone qcow2 at ``dest``."""
     start = time.perf_counter()
     disk_name = DISK_NAMES[1] if guest else CONTAINER_DISK
     with ctx.operation("export_box", (box_key(box_id),)):
         bdir = ctx.box_dir(box_id)
         if snapshot is None:
-            ensure_stopped(ctx, box_id, bdir, "export the live disk")
+            with stopped(ctx, box_id, bdir, "export the live disk", live=True) as (qmp, state):
+                if qmp is not None and state is not None:
+                    name, written = live_export(ctx, box_id, bdir, qmp, state, dest,
+                                                guest=guest, overwrite=overwrite,
+                                                progress=progress, keep_snapshot=keep_snapshot)
+                    log_export(box_id, name, dest, written, keep_snapshot, start)
+                    return Path(dest)
         src_dir = bdir if snapshot is None else ctx.snapshot_dir(box_id, snapshot)
         src = src_dir / disk_name
         if not src.is_file():
@@ -176,5 +184,5 @@ def export_box(ctx: StoreContext, box_id: str, dest: Path, *, snapshot: str | No
     with chain:
         written = flatten(chain, dest, overwrite=overwrite, progress=progress)
     log.info("box_exported", box=box_id, snapshot=snapshot, dest=os.fspath(dest),
-             data_bytes=written, ms=ms(start))
+             data_bytes=written, ms=ms(start), live=False)
     return Path(dest)

@@ -109,15 +109,20 @@ def _run(ctx: StoreContext, op: str, keys: tuple[str, ...], data: dict[str, Any]
 
 
 def live_snapshot(ctx: StoreContext, box_id: str, name: str, bdir: Path, qmp: Qmp,
-                  state: LiveState, opid: str) -> dict[str, Any]:
-    """Snapshot a running box (arguments checked, box locked); the journal data, with held_ms."""
+                  state: LiveState, opid: str,
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Snapshot a running box (arguments checked, box locked); the journal data, with held_ms.
+
+    ``extra`` goes into the journal record (an export's plan, for its recovery).
+    """
     lay = ctx.layout
     final = lay.snapshot_dir(box_id, name)
     stage = lay.snapshots_dir(box_id) / f".stage-{opid}"
     entries, plans = _entries(qmp, state, bdir, final, opid)
     data: dict[str, Any] = {"kind": "snapshot", "box": box_id, "name": name,
                             "stage": lay.rel(stage), "final": lay.rel(final),
-                            "created": time.time(), "qmp": state.qmp, "disks": entries}
+                            "created": time.time(), "qmp": state.qmp, "disks": entries,
+                            **(extra or {})}
     meta = {"box": box_id, "name": name, "created": data["created"], "live": True,
             "disks": {e["disk"]: e["size"] for e in entries}}
     held_ms = _run(ctx, "live_snapshot", (box_key(box_id),), data, qmp, state, bdir, opid,

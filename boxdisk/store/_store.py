@@ -62,6 +62,7 @@ from . import (
     _boxes,
     _clones,
     _live,
+    _live_export,
     _live_snapshot,
     _queries,
     _removal,
@@ -98,8 +99,9 @@ _RECOVERY = {
     "snapshot_boxes": _snapshots.recover_snapshot_boxes,
     "restore": _snapshots.recover_restore,
     "clone_box": _clones.recover_clone,
-    "live_snapshot": _live_snapshot.recover_live_snapshot,
+    "live_snapshot": _live_export.recover_live_snapshot_or_export,
     "live_clone": _live_snapshot.recover_live_snapshot,
+    "live_export": _live_export.recover_live_export,
     "settle": _settle.recover_settle,
     "remove_snapshot": _removal.recover_remove_snapshot,
     "remove_box": _removal.recover_remove_box,
@@ -425,14 +427,23 @@ class BoxStore:
 
     def export_box(self, box_id: str, dest: str | os.PathLike[str], *,
                    snapshot: str | None = None, guest: bool = False,
-                   overwrite: bool = False, progress: Progress | None = None) -> Path:
+                   overwrite: bool = False, progress: Progress | None = None,
+                   keep_snapshot: bool = False) -> Path:
         """Write the live disk (or snapshot ``snapshot``) as one standalone qcow2 at ``dest``.
 
         ``guest=True`` exports the guest disk instead of the container disk.
-        ``progress(done_bytes, total_bytes)`` is called as the copy advances.
-        The chain is opened (confined to the store) under the box's lock and
-        then read from the open files, so operations on the box may go on
-        during the copy. Refused while a QEMU holds the live disk.
+        ``progress(done_bytes, total_bytes)`` is called as the copy advances
+        (and, on a running box, as QEMU merges back). The chain is opened
+        (confined to the store) under the box's lock and then read from the
+        open files, so operations on the box may go on during the copy.
+
+        On a box attached to its running QEMU (:meth:`attach`) the export is
+        live: a live snapshot (``export-OPID``) freezes the disks, the frozen
+        chain is copied while the guest keeps writing, and then, unless
+        ``keep_snapshot``, QEMU merges what the guest wrote meanwhile back
+        into the frozen file (an active ``block-commit``) and the snapshot
+        goes, so the box's chain is as it was. A QEMU holding the disk of a
+        box that is not attached refuses the export (DiskInUseError).
         """
         self._check_open()
         check_name(box_id, "box id")
@@ -440,7 +451,8 @@ class BoxStore:
         if snapshot is not None:
             check_name(snapshot, "snapshot name")
         return _clones.export_box(self._ctx, box_id, Path(dest), snapshot=snapshot,
-                                  guest=guest, overwrite=overwrite, progress=progress)
+                                  guest=guest, overwrite=overwrite, progress=progress,
+                                  keep_snapshot=keep_snapshot)
 
     # -- removal, gc and verify ------------------------------------------------------------------
 

@@ -205,7 +205,6 @@ def test_a_running_box_refuses_what_needs_it_stopped(tmp_path: Path, store: BoxS
         store.attach("vm1", vm.qmp_path)
         for call in (lambda: store.restore("vm1", "s0"),
                      lambda: store.remove_box("vm1"),
-                     lambda: store.export_box("vm1", tmp_path / "out.qcow2"),
                      lambda: store.remove_snapshot("vm1", "s0")):
             with pytest.raises(DiskInUseError, match="running"):
                 call()
@@ -358,6 +357,7 @@ def test_boxdisk_and_qemu_both_killed_after_the_switch(tmp_path: Path, store: Bo
                      env={CRASH_ENV: "live_snapshot:switched"})
     assert proc.returncode == -9
     writes(vm, "d0", 0x62, [(MIB, 64 * KIB)])  # into the overlay: it grows
+    vm.io("d0", "flush")  # a guest's flush: the write survives QEMU's death
     vm.kill()
     with BoxStore(store.root) as again:  # no QEMU to ask: the overlay grew, so it switched
         assert again.box("vm1").snapshots == ("s1",)
@@ -365,6 +365,7 @@ def test_boxdisk_and_qemu_both_killed_after_the_switch(tmp_path: Path, store: Bo
         assert again.verify().ok, again.verify().problems
         assert_reads(qemu, again.snapshot_info("vm1", "s1").disk, 0x61, 0, 64 * KIB)
         assert_reads(qemu, again.box("vm1").disk, 0x61, 0, 64 * KIB)
+        assert again.snapshot_info("vm1", "s1").disk.exists()
 
 
 def _two_live_snapshots(tmp_path: Path, store: BoxStore, name: str) -> None:
@@ -524,3 +525,107 @@ def test_sigkill_at_every_step_of_a_live_clone_is_recovered(tmp_path: Path, stor
         qemu.assert_clean(image)
     assert store.verify().ok, store.verify().problems
     _assert_no_live_leftovers(store, "vm1")
+
+
+# -- the live export ---------------------------------------------------------------------------
+
+
+def test_a_live_export_is_the_guests_view_at_that_instant_and_the_chain_stays(
+        tmp_path: Path, store: BoxStore, qemu: Any) -> None:
+    vm = _start(tmp_path, store, "vm1")
+    out, kept = tmp_path / "out.qcow2", tmp_path / "kept.qcow2"
+    try:
+        store.attach("vm1", vm.qmp_path)
+        writes(vm, "d0", 0xF1, [(0, 64 * KIB), (5 * MIB, 64 * KIB)])
+        before = store.box("vm1")
+        chain_before = _qemu_chain(vm, "d0")
+        seen: list[tuple[int, int]] = []
+        store.export_box("vm1", out, progress=lambda d, t: seen.append((d, t)))
+        # The box's chain is as it was: QEMU writes the same file again.
+        assert _qemu_chain(vm, "d0") == chain_before
+        assert store.box("vm1").disk == before.disk
+        assert store.box("vm1").snapshots == ()
+        assert not (before.dir / "live.json").exists() or store.box("vm1").qmp
+        writes(vm, "d0", 0xF2, [(0, 4 * KIB)])
+        # keep_snapshot: the export's snapshot stays, and the export equals it.
+        store.export_box("vm1", kept, keep_snapshot=True)
+        [name] = store.box("vm1").snapshots
+        assert name.startswith("export-")
+        writes(vm, "d0", 0xF3, [(0, 4 * KIB)])
+        assert store.verify().ok, store.verify().problems
+    finally:
+        vm.quit()
+    assert seen
+    assert_reads(qemu, out, 0xF1, 0, 64 * KIB)
+    assert_reads(qemu, out, 0xF1, 5 * MIB, 64 * KIB)
+    assert_reads(qemu, out, OS_DATA[0][2], 128 * KIB, 64 * KIB)  # the base shows through
+    assert qemu.info(out).get("backing-filename") is None
+    assert_reads(qemu, kept, 0xF2, 0, 4 * KIB)
+    qemu.img("compare", "-U", kept, store.snapshot_info("vm1", name).disk)
+    assert_reads(qemu, store.box("vm1").disk, 0xF3, 0, 4 * KIB)
+    assert_reads(qemu, store.box("vm1").disk, 0xF1, 5 * MIB, 64 * KIB)
+    for image in [*store._images(), out, kept]:
+        qemu.assert_clean(image)
+    store.detach("vm1")
+    _assert_no_live_leftovers(store, "vm1")
+    assert store.verify().ok, store.verify().problems
+
+
+def test_sigkill_at_every_step_of_a_live_export_is_recovered(tmp_path: Path, store: BoxStore,
+                                                             qemu: Any) -> None:
+    vm = _start(tmp_path, store, "vm2")
+    trace = tmp_path / "trace.txt"
+    try:
+        store.attach("vm2", vm.qmp_path)
+        proc = run_store(store.root, "export_box", "vm2", os.fspath(tmp_path / "t.qcow2"),
+                         env={TRACE_ENV: os.fspath(trace)})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        steps = [x for x in trace.read_text().split()
+                 if x.split(":")[0] in ("live_snapshot", "live_export")]
+        assert "live_export:hidden" in steps
+        for i, step in enumerate(steps):
+            writes(vm, "d0", 0x20 + i, [(i * 64 * KIB, 64 * KIB)])
+            dest = tmp_path / f"e{i}.qcow2"
+            proc = run_store(store.root, "export_box", "vm2", os.fspath(dest),
+                             env={CRASH_ENV: step})
+            assert proc.returncode == -9, (step, proc.stdout, proc.stderr)
+            with BoxStore(store.root) as again:
+                box = again.box("vm2")
+                assert os.path.samefile(_qemu_chain(vm, "d0")[0], box.disk), step
+                report = again.verify()
+                assert report.ok, (step, report.problems)
+                # Once the switch happened the export is merged back: no snapshot is left.
+                assert box.snapshots == (), step
+            writes(vm, "d0", 0x60 + i, [(8 * MIB + i * 64 * KIB, 64 * KIB)])
+    finally:
+        vm.quit()
+    store.detach("vm2")
+    box = store.box("vm2")
+    for i in range(len(steps)):
+        assert_reads(qemu, box.disk, 0x20 + i, i * 64 * KIB, 64 * KIB)
+        assert_reads(qemu, box.disk, 0x60 + i, 8 * MIB + i * 64 * KIB, 64 * KIB)
+    for image in store._images():
+        qemu.assert_clean(image)
+    assert store.verify().ok, store.verify().problems
+
+
+def test_qemu_gone_during_the_merge_back_is_finished_offline(tmp_path: Path, store: BoxStore,
+                                                            qemu: Any) -> None:
+    vm = _start(tmp_path, store, "vm2")
+    store.attach("vm2", vm.qmp_path)
+    writes(vm, "d0", 0x71, [(0, 64 * KIB)])
+    proc = run_store(store.root, "export_box", "vm2", os.fspath(tmp_path / "x.qcow2"),
+                     env={CRASH_ENV: "live_export:hidden"})
+    assert proc.returncode == -9
+    writes(vm, "d0", 0x72, [(MIB, 64 * KIB)])  # into the export's new top
+    vm.io("d0", "flush")  # what a guest does for data it needs kept: QEMU is killed next
+    vm.kill()
+    with BoxStore(store.root) as again:  # no QEMU: boxdisk commits the new top itself
+        box = again.box("vm2")
+        assert box.snapshots == ()
+        assert_reads(qemu, box.disk, 0x71, 0, 64 * KIB)
+        assert_reads(qemu, box.disk, 0x72, MIB, 64 * KIB)
+        again.snapshot("vm2", "after")  # settles, then works offline
+        assert again.verify().ok, again.verify().problems
+        for image in again._images():
+            qemu.assert_clean(image)

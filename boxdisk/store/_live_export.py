@@ -1,0 +1,187 @@
+"""Exporting a running box: a live snapshot, the frozen chain flattened, then merged back.
+
+The guest keeps writing to the new top while the frozen chain is copied out.
+Unless the caller keeps the export's snapshot, QEMU then merges the new top
+back into the frozen file with an active ``block-commit`` (QEMU reports the
+job ready when the two are in sync and pivots on ``job-complete``), so the
+box's chain is as it was before the export.
+
+The copy and the merge are journaled (``live_export``) and, unless the
+snapshot is kept, only ever finished by merging back: the snapshot is taken
+out of view first (the commit changes the frozen file it reads), then the
+commit runs; after a crash, recovery completes the job QEMU still has,
+restarts it, or, with QEMU gone, commits offline (boxdisk's own ``commit``),
+then tidies up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from boxdisk._errors import LiveError
+from boxdisk._log import get_logger
+from boxdisk.chain import open_chain
+from boxdisk.ops import Progress, commit, flatten
+
+from ._core import StoreContext, box_key, ms
+from ._freeze import inode
+from ._fs import remove_tree
+from ._journal import Record, crashpoint, new_opid
+from ._layout import CONTAINER_DISK, DISK_NAMES
+from ._live_snapshot import live_snapshot, recover_live_snapshot
+from ._livestate import LiveState, connect, read_state, stage_state
+
+if TYPE_CHECKING:
+    from boxdisk.live import Qmp
+
+__all__ = ["live_export", "log_export", "recover_live_export", "recover_live_snapshot_or_export"]
+
+log = get_logger(__name__)
+
+#: How long a merge-back job may take before it is cancelled (and finished by recovery).
+MERGE_TIMEOUT = 3600.0
+
+
+def live_export(ctx: StoreContext, box_id: str, bdir: Path, qmp: Qmp, state: LiveState,
+                dest: Path, *, guest: bool, overwrite: bool, progress: Progress | None,
+                keep_snapshot: bool) -> tuple[str, int]:
+    """Export the live disk of a running box (its lock held); (snapshot name, bytes written).
+
+    The lock is held throughout: the export's snapshot must not change under
+    the copy, and the merge must find the chain as it left it. After the live
+    snapshot, the copy and the merge are one journaled step (``live_export``):
+    after a crash anywhere in them, recovery merges back (unless the snapshot
+    was to be kept), so no export leaves a snapshot nobody asked for.
+    """
+    lay = ctx.layout
+    opid = new_opid()
+    name = f"export-{opid}"
+    trash = lay.rel(lay.trash / opid)
+    # A crash before the copy begins is merged back by the snapshot's recovery (below).
+    snap = live_snapshot(ctx, box_id, name, bdir, qmp, state, opid,
+                         extra={"export": {"keep": keep_snapshot, "trash": trash}})
+    data = _plan(snap, keep=keep_snapshot, trash=trash)
+    disk = DISK_NAMES[1] if guest else CONTAINER_DISK
+    with ctx.intent("live_export", (box_key(box_id),), data, opid) as record:
+        crashpoint("live_export", "recorded")
+        with open_chain(lay.snapshot_dir(box_id, name) / disk,
+                        allowed_roots=ctx.roots) as chain:
+            written = flatten(chain, dest, overwrite=overwrite, progress=progress)
+        crashpoint("live_export", "flattened")
+        if not keep_snapshot:
+            _hide(ctx, data, record)
+            _merge(ctx, data, record.opid, qmp, progress)
+            crashpoint("live_export", "merged")
+    return name, written
+
+
+def _plan(snap: dict[str, Any], *, keep: bool, trash: str) -> dict[str, Any]:
+    """The ``live_export`` record's data, from the live snapshot's."""
+    return {"box": snap["box"], "name": snap["name"], "keep": keep, "qmp": snap["qmp"],
+            "trash": trash,
+            "disks": [{k: e[k] for k in ("disk", "top", "overlay", "node", "overlay_node")}
+                      for e in snap["disks"]]}
+
+
+def _hide(ctx: StoreContext, data: dict[str, Any], record: Record) -> None:
+    """Take the export's snapshot out of view before the commit changes the file it reads.
+
+    The journal record must be durable first: a power cut that undid the
+    rename would bring the snapshot back, and the record takes it away again.
+    """
+    lay = ctx.layout
+    final = lay.snapshot_dir(data["box"], data["name"])
+    if os.path.lexists(final):
+        os.rename(final, lay.abs(data["trash"]))
+    ctx.barrier([*ctx.journal.durable_paths(record), final.parent, lay.trash])
+    crashpoint("live_export", "hidden")
+
+
+def _merge(ctx: StoreContext, data: dict[str, Any], opid: str, qmp: Qmp | None,
+           progress: Progress | None) -> None:
+    """The commit of each disk (by QEMU if it runs, else offline), then the tidy-up."""
+    from boxdisk.live import remove_node, top_files  # noqa: PLC0415
+
+    lay = ctx.layout
+    bdir = lay.box_dir(data["box"])
+    for i, e in enumerate(data["disks"]):
+        overlay, frozen = bdir / e["overlay"], bdir / e["top"]
+        if not overlay.exists():
+            continue  # merged and removed already
+        if qmp is not None:
+            writing = [os.path.realpath(f) for f in top_files(qmp).values()]
+            if os.path.realpath(overlay) in writing:
+                _finish_or_start(qmp, f"boxdisk-merge-{opid}-{i}", e, progress)
+            remove_node(qmp, e["overlay_node"])
+        else:
+            commit(overlay, base=frozen, keep_top=True, allowed_roots=ctx.roots)
+        crashpoint("live_export", f"merged:{e['disk']}")
+    state = read_state(bdir) or LiveState(qmp=data.get("qmp"))
+    tops = {d: t for d, t in state.tops.items()
+            if t[0] not in {e["overlay"] for e in data["disks"]}}
+    for e in data["disks"]:
+        if e["top"] != e["disk"]:  # the frozen file is the top again, under its own name
+            tops[e["disk"]] = [e["top"], *(inode(bdir / e["top"]) or [0, 0])]
+    frozen = [f for f in state.frozen if f.get("snapshot") != data["name"]]
+    paths = stage_state(bdir, attrs.evolve(state, tops=tops, frozen=frozen), opid)
+    for e in data["disks"]:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(bdir / e["overlay"])
+    remove_tree(lay.abs(data["trash"]))
+    ctx.barrier(paths)
+
+
+def _finish_or_start(qmp: Qmp, job: str, e: dict[str, Any], progress: Progress | None) -> None:
+    """Drive the merge job to its end: the one an interrupted merge left QEMU, or a new one."""
+    from boxdisk.live import run_job, wait_job  # noqa: PLC0415
+
+    if any(j.get("id") == job for j in qmp.execute("query-jobs")):
+        wait_job(qmp, job, "block-commit", progress=progress, timeout=MERGE_TIMEOUT)
+        return
+    run_job(qmp, "block-commit", {"device": e["overlay_node"], "base-node": e["node"]},
+            job_id=job, progress=progress, timeout=MERGE_TIMEOUT)
+
+
+def recover_live_export(ctx: StoreContext, record: Record) -> None:
+    """An interrupted live export is merged back (the copy is abandoned), unless kept."""
+    data = record.data
+    if data.get("keep"):
+        return  # the snapshot stays; the copy left at most a temporary file of flatten's
+    _merge_back(ctx, data, record)
+
+
+def recover_live_snapshot_or_export(ctx: StoreContext, record: Record) -> None:
+    """A live snapshot's recovery; for an export's snapshot that was finished, the merge too."""
+    recover_live_snapshot(ctx, record)
+    plan = record.data.get("export")
+    lay = ctx.layout
+    if plan and not plan["keep"] and os.path.lexists(
+            lay.snapshot_dir(record.data["box"], record.data["name"])):
+        _merge_back(ctx, _plan(record.data, keep=False, trash=plan["trash"]), record)
+
+
+def _merge_back(ctx: StoreContext, data: dict[str, Any], record: Record) -> None:
+    qmp: Qmp | None
+    try:
+        qmp = connect(data["qmp"]) if data.get("qmp") else None
+    except LiveError:
+        qmp = None
+    try:
+        _hide(ctx, data, record)
+        _merge(ctx, data, record.opid, qmp, None)
+    finally:
+        if qmp is not None:
+            qmp.close()
+
+
+def log_export(box_id: str, name: str, dest: Path, written: int, kept: bool,
+               start: float) -> None:
+    """The ``box_exported`` event of a live export."""
+    log.info("box_exported", box=box_id, snapshot=name if kept else None, dest=os.fspath(dest),
+             data_bytes=written, ms=ms(start), live=True)
+
