@@ -51,7 +51,8 @@ def _box_dict(store: Any, box: Any) -> dict[str, Any]:
     return {
         "id": box.id, "dir": _rel(store, box.dir), "disk": _rel(store, box.disk),
         "guest-disk": _rel(store, box.guest_disk), "base": box.base,
-        "guest-base": box.guest_base, "clone-of": box.clone_of,
+        "guest-base": box.guest_base, "clone-of": box.clone_of, "qmp": box.qmp,
+        "guest-agent": box.guest_agent,
         "snapshots": list(box.snapshots), "virtual-size": box.size,
         "guest-virtual-size": box.guest_size, "actual-size": box.host_bytes,
         "created": box.created,
@@ -153,12 +154,29 @@ def _box_show(args: argparse.Namespace) -> int:
             print(f"base: {box.base or '-'}")
             if box.clone_of:
                 print(f"clone of: {box.clone_of}")
+            if box.qmp:
+                print(f"running: attached to QEMU at {box.qmp}"
+                      + (f" (guest agent {box.guest_agent})" if box.guest_agent else ""))
             print(f"virtual size: {format_size(box.size)} ({box.size} bytes)")
             print(f"on disk: {format_size(box.host_bytes)}")
             print(f"created: {_when(box.created)}")
             print(f"snapshots: {', '.join(box.snapshots) or '-'}")
 
         _print(args, d, human)
+    return 0
+
+
+def _box_attach(args: argparse.Namespace) -> int:
+    with _open(args) as store:
+        store.attach(args.box, args.qmp, guest_agent=args.guest_agent)
+        box = store.box(args.box)
+        _print(args, _box_dict(store, box), lambda: print(f"{box.id}: attached to {box.qmp}"))
+    return 0
+
+
+def _box_detach(args: argparse.Namespace) -> int:
+    with _open(args) as store:
+        store.detach(args.box)
     return 0
 
 
@@ -213,7 +231,8 @@ def _export(args: argparse.Namespace) -> int:
         bar = progress_for("export", args.progress)
         try:
             store.export_box(args.box, args.dest, snapshot=args.snapshot, guest=args.guest,
-                             overwrite=args.overwrite, progress=bar)
+                             overwrite=args.overwrite, progress=bar,
+                             keep_snapshot=args.keep_snapshot)
         finally:
             if bar is not None:
                 bar.close()
@@ -377,6 +396,17 @@ def add_store_commands(sub: Any) -> None:
     p = xcmds.add_parser("rm", help="remove a box (refused while anything depends on it)")
     p.add_argument("box", metavar="BOX")
     p.set_defaults(func=_box_rm)
+    p = xcmds.add_parser("attach", help="record the running QEMU (its QMP socket) that serves "
+                         "the box: snapshot, clone and export then work live")
+    p.add_argument("--guest-agent", metavar="SOCKET",
+                   help="the QEMU guest agent's socket: the guest's file systems are frozen "
+                        "around each switch")
+    p.add_argument("box", metavar="BOX")
+    p.add_argument("qmp", metavar="QMP_SOCKET")
+    p.set_defaults(func=_box_attach)
+    p = xcmds.add_parser("detach", help="forget the box's QEMU (after it stopped)")
+    p.add_argument("box", metavar="BOX")
+    p.set_defaults(func=_box_detach)
 
     snap = cmds.add_parser("snapshot", help="snapshots of a box")
     scmds = snap.add_subparsers(dest="snapshot_command", metavar="COMMAND", required=True)
@@ -407,6 +437,9 @@ def add_store_commands(sub: Any) -> None:
     p.add_argument("--snapshot", metavar="NAME", help="export this snapshot instead")
     p.add_argument("--guest", action="store_true", help="export the guest disk")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DEST")
+    p.add_argument("--keep-snapshot", action="store_true",
+                   help="of a running box: keep the export's snapshot (export-ID) instead "
+                        "of merging it back")
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
     p.add_argument("box", metavar="BOX")
     p.add_argument("dest", metavar="DEST")

@@ -8,9 +8,12 @@ guest (``writes``); what it wrote is checked with qemu-io afterwards.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -629,3 +632,32 @@ def test_qemu_gone_during_the_merge_back_is_finished_offline(tmp_path: Path, sto
         assert again.verify().ok, again.verify().problems
         for image in again._images():
             qemu.assert_clean(image)
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+def test_the_command_line_attaches_and_snapshots_a_running_box(tmp_path: Path,
+                                                               store: BoxStore) -> None:
+    def cli(*args: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "boxdisk", "store", "--root",
+                               os.fspath(store.root), *args], capture_output=True, text=True,
+                              check=False, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+    vm = _start(tmp_path, store, "vm1")
+    try:
+        cli("box", "attach", "vm1", os.fspath(vm.qmp_path))
+        shown = json.loads(cli("--output", "json", "box", "show", "vm1"))
+        assert shown["qmp"] == os.fspath(vm.qmp_path)
+        cli("snapshot", "create", "vm1", "s1")  # another process, the running box: live
+        shown = json.loads(cli("--output", "json", "box", "show", "vm1"))
+        assert shown["snapshots"] == ["s1"]
+        assert os.path.samefile(_qemu_chain(vm, "d0")[0], store.root / shown["disk"])
+        cli("export", "--keep-snapshot", "vm1", os.fspath(tmp_path / "out.qcow2"))
+        assert len(store.box("vm1").snapshots) == 2
+    finally:
+        vm.quit()
+    cli("box", "detach", "vm1")
+    _assert_no_live_leftovers(store, "vm1")
