@@ -23,7 +23,8 @@ from boxdisk.ops import rebase
 from ._core import StoreContext, box_key, ms, reported
 from ._fs import fsync_dir, make_read_only, make_writable, remove_tree
 from ._journal import Record, crashpoint, new_opid
-from ._live import ensure_stopped
+from ._live import ensure_stopped, stopped
+from ._live_merge import live_remove_snapshot
 from ._queries import graph, host_bytes, leftovers, protected
 from ._values import GcReport
 
@@ -77,7 +78,13 @@ def remove_snapshot(ctx: StoreContext, box_id: str, name: str, *, merge: bool) -
     key = box_key(box_id)
     lay = ctx.layout
     with ctx.operation("remove_snapshot", (key,)):
-        ensure_stopped(ctx, box_id, ctx.box_dir(box_id), "remove a snapshot of the box")
+        bdir = ctx.box_dir(box_id)
+        with stopped(ctx, box_id, bdir, "remove a snapshot of the box", live=True) as (qmp,
+                                                                                     state):
+            if qmp is not None and state is not None:
+                ctx.snapshot_dir(box_id, name)
+                live_remove_snapshot(ctx, box_id, name, bdir, qmp, state, merge=merge)
+                return
         sdir = ctx.snapshot_dir(box_id, name)
         own = {os.path.realpath(sdir / d) for d in ctx.disks_in(sdir)}
         with ctx.locks.structural(f"remove_snapshot {box_id!r} {name!r}"):

@@ -26,6 +26,7 @@ from boxdisk import (
     QmpCommandError,
     QmpConnectError,
     QmpProtocolError,
+    SnapshotInUseError,
     read_backing_file_path,
 )
 from boxdisk.live import node_file
@@ -39,6 +40,7 @@ from tests.store.helpers import (
     assert_reads,
     make_bases,
     run_store,
+    write,
 )
 
 from .test_qmp import _Agent
@@ -207,8 +209,7 @@ def test_a_running_box_refuses_what_needs_it_stopped(tmp_path: Path, store: BoxS
     try:
         store.attach("vm1", vm.qmp_path)
         for call in (lambda: store.restore("vm1", "s0"),
-                     lambda: store.remove_box("vm1"),
-                     lambda: store.remove_snapshot("vm1", "s0")):
+                     lambda: store.remove_box("vm1")):
             with pytest.raises(DiskInUseError, match="running"):
                 call()
         # A snapshot's files are immutable: exporting one is fine while the box runs.
@@ -661,3 +662,107 @@ def test_the_command_line_attaches_and_snapshots_a_running_box(tmp_path: Path,
         vm.quit()
     cli("box", "detach", "vm1")
     _assert_no_live_leftovers(store, "vm1")
+
+
+# -- removing a snapshot of a running box (merged by QEMU) ------------------------------------
+
+
+def test_a_live_merge_keeps_what_every_image_reads(tmp_path: Path, store: BoxStore,
+                                                  qemu: Any) -> None:
+    write(qemu, store.box("vm1").disk, 0x51, 0, 64 * KIB)
+    store.snapshot("vm1", "s0")  # offline, before QEMU starts: a snapshot's own file
+    vm = _start(tmp_path, store, "vm1")
+    try:
+        store.attach("vm1", vm.qmp_path)
+        writes(vm, "d0", 0x52, [(MIB, 64 * KIB)])
+        store.snapshot("vm1", "s1")
+        writes(vm, "d0", 0x53, [(2 * MIB, 64 * KIB)])
+        store.snapshot("vm1", "s2")
+        writes(vm, "d0", 0x54, [(3 * MIB, 64 * KIB)])
+        with pytest.raises(SnapshotInUseError):
+            store.remove_snapshot("vm1", "s1")  # without merge: the chain needs it
+        depth = len(_qemu_chain(vm, "d0"))
+        store.remove_snapshot("vm1", "s1", merge=True)  # a stub's: streamed into s2's file
+        assert store.box("vm1").snapshots == ("s0", "s2")
+        assert len(_qemu_chain(vm, "d0")) == depth - 1
+        store.remove_snapshot("vm1", "s0", merge=True)  # its own file: QEMU had it open
+        assert store.box("vm1").snapshots == ("s2",)
+        assert len(_qemu_chain(vm, "d0")) == depth - 2
+        writes(vm, "d0", 0x55, [(4 * MIB, 64 * KIB)])
+        vm.io("d0", "read -P 0x51 0 64k")
+        vm.io("d0", "read -P 0x52 1M 64k")
+        assert store.verify().ok, store.verify().problems
+    finally:
+        vm.quit()
+    s2 = store.snapshot_info("vm1", "s2")
+    for pattern, off in ((0x51, 0), (0x52, MIB), (0x53, 2 * MIB)):
+        assert_reads(qemu, s2.disk, pattern, off, 64 * KIB)
+    assert_reads(qemu, s2.disk, 0x00, 3 * MIB, 64 * KIB)
+    box = store.box("vm1")
+    for pattern, off in ((0x51, 0), (0x52, MIB), (0x53, 2 * MIB), (0x54, 3 * MIB),
+                         (0x55, 4 * MIB)):
+        assert_reads(qemu, box.disk, pattern, off, 64 * KIB)
+    assert_base_data(qemu, box.disk, OS_DATA[1:])
+    for image in store._images():
+        qemu.assert_clean(image)
+    store.detach("vm1")
+    _assert_no_live_leftovers(store, "vm1")
+    assert store.verify().ok, store.verify().problems
+
+
+def test_sigkill_at_every_step_of_a_live_merge_is_recovered(tmp_path: Path, store: BoxStore,
+                                                            qemu: Any) -> None:
+    vm = _start(tmp_path, store, "vm2")
+    trace = tmp_path / "trace.txt"
+    try:
+        store.attach("vm2", vm.qmp_path)
+        writes(vm, "d0", 0x40, [(0, 64 * KIB)])
+        store.snapshot("vm2", "t")
+        proc = run_store(store.root, "remove_snapshot", "vm2", "t", merge=True,
+                         env={TRACE_ENV: os.fspath(trace)})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        steps = [x for x in trace.read_text().split() if x.startswith("live_remove_snapshot:")]
+        assert len(steps) >= 3, steps
+        for i, step in enumerate(steps):
+            writes(vm, "d0", 0x20 + i, [(MIB + i * 64 * KIB, 64 * KIB)])
+            store.snapshot("vm2", f"m{i}")
+            proc = run_store(store.root, "remove_snapshot", "vm2", f"m{i}", merge=True,
+                             env={CRASH_ENV: step})
+            assert proc.returncode == -9, (step, proc.stdout, proc.stderr)
+            with BoxStore(store.root) as again:  # the merge is finished
+                assert f"m{i}" not in again.box("vm2").snapshots, step
+                assert os.path.samefile(_qemu_chain(vm, "d0")[0], again.box("vm2").disk)
+                report = again.verify()
+                assert report.ok, (step, report.problems)
+    finally:
+        vm.quit()
+    box = store.box("vm2")
+    assert_reads(qemu, box.disk, 0x40, 0, 64 * KIB)
+    for i in range(len(steps)):
+        assert_reads(qemu, box.disk, 0x20 + i, MIB + i * 64 * KIB, 64 * KIB)
+    for image in store._images():
+        qemu.assert_clean(image)
+    store.detach("vm2")
+    assert store.verify().ok, store.verify().problems
+
+
+def test_qemu_gone_during_a_live_merge_is_finished_offline(tmp_path: Path, store: BoxStore,
+                                                          qemu: Any) -> None:
+    vm = _start(tmp_path, store, "vm2")
+    store.attach("vm2", vm.qmp_path)
+    writes(vm, "d0", 0x41, [(0, 64 * KIB)])
+    store.snapshot("vm2", "t")
+    writes(vm, "d0", 0x42, [(MIB, 64 * KIB)])
+    vm.io("d0", "flush")
+    proc = run_store(store.root, "remove_snapshot", "vm2", "t", merge=True,
+                     env={CRASH_ENV: "live_remove_snapshot:recorded"})
+    assert proc.returncode == -9
+    vm.kill()
+    with BoxStore(store.root) as again:  # no QEMU: boxdisk merges (a safe rebase) itself
+        box = again.box("vm2")
+        assert box.snapshots == ()
+        assert_reads(qemu, box.disk, 0x41, 0, 64 * KIB)
+        assert_reads(qemu, box.disk, 0x42, MIB, 64 * KIB)
+        assert again.verify().ok, again.verify().problems
+        for image in again._images():
+            qemu.assert_clean(image)
