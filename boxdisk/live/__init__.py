@@ -10,6 +10,7 @@ import logging
 
 from ._block import (
     BlockNode,
+    add_and_switch,
     add_overlay,
     close_nodes,
     find_nodes,
@@ -31,6 +32,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "BlockNode",
     "Qmp",
+    "add_and_switch",
     "add_overlay",
     "close_nodes",
     "find_nodes",

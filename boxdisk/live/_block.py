@@ -23,6 +23,7 @@ from ._qmp import Qmp
 
 __all__ = [
     "BlockNode",
+    "add_and_switch",
     "add_overlay",
     "close_nodes",
     "find_nodes",
@@ -145,6 +146,24 @@ def switch_to_overlays(qmp: Qmp, switches: Sequence[tuple[str, str]]) -> None:
     qmp.execute("transaction", {"actions": [
         {"type": "blockdev-snapshot", "data": {"node": node, "overlay": overlay}}
         for node, overlay in switches]})
+
+
+def add_and_switch(qmp: Qmp, pairs: Sequence[tuple[str, str, str | os.PathLike[str]]]) -> None:
+    """:func:`add_overlay` for each (node, overlay node, file), then the switch, sent at once.
+
+    QEMU runs them in order; one round trip instead of one per command. When
+    any fails nothing has switched (the transaction names a node that failed
+    to open, or fails itself); the caller closes the overlay nodes that opened.
+    """
+    commands: list[tuple[str, dict[str, Any] | None]] = [
+        ("blockdev-add", {"driver": "qcow2", "node-name": overlay,
+                          "file": {"driver": "file", "filename": os.fspath(path)},
+                          "backing": None})
+        for _node, overlay, path in pairs]
+    commands.append(("transaction", {"actions": [
+        {"type": "blockdev-snapshot", "data": {"node": node, "overlay": overlay}}
+        for node, overlay, _path in pairs]}))
+    qmp.execute_all(commands)
 
 
 def remove_node(qmp: Qmp, node_name: str) -> None:

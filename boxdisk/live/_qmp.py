@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -32,6 +32,10 @@ log = get_logger(__name__)
 DEFAULT_TIMEOUT = 10.0
 
 _T = TypeVar("_T")
+
+
+async def _reraise(exc: BaseException) -> None:
+    raise exc
 
 
 class Qmp:
@@ -100,6 +104,30 @@ class Qmp:
         log.debug("qmp_command", socket=self.path, command=command,
                   ms=round((time.perf_counter() - start) * 1000, 3))
         return result
+
+    def execute_all(self, commands: Sequence[tuple[str, dict[str, Any] | None]], *,
+                    timeout: float | None = None) -> list[Any]:
+        """Send several commands at once and wait for every reply; their return values.
+
+        QEMU runs them in order, so a later command may rely on an earlier one
+        (a switch onto a node just added); what is saved is the wait between
+        them. If any fails, the first failure (in order) is raised, after all
+        have been answered.
+        """
+        start = time.perf_counter()
+
+        async def each() -> list[Any]:
+            return await asyncio.gather(*(self._client.execute(c, a) for c, a in commands),
+                                        return_exceptions=True)
+
+        what = "+".join(c for c, _ in commands)
+        replies = self._run(each(), what=what, timeout=timeout)
+        for (command, _), reply in zip(commands, replies, strict=True):
+            if isinstance(reply, BaseException):
+                self._run(_reraise(reply), what=command)  # mapped to LiveError there
+        log.debug("qmp_command", socket=self.path, command=what,
+                  ms=round((time.perf_counter() - start) * 1000, 3))
+        return list(replies)
 
     def events(self, wait: float = 0.0) -> list[dict[str, Any]]:
         """Events received so far; with ``wait``, up to that long for the first one."""

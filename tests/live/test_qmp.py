@@ -24,6 +24,7 @@ from boxdisk import (
 )
 from boxdisk.live import (
     Qmp,
+    add_and_switch,
     add_overlay,
     find_nodes,
     frozen_guest,
@@ -222,6 +223,7 @@ def _switched(tmp_path: Path, chain: dict[str, Path]) -> tuple[Vm, Path]:
     add_overlay(vm.qmp, "ov", ov)
     switch_to_overlays(vm.qmp, [("d0", "ov")])
     writes(vm, "d0", 0x22, [(2 * MiB, MiB)])
+    vm.io("d0", "flush")  # as a guest does before it counts on its data
     return vm, ov
 
 
@@ -390,3 +392,43 @@ def test_without_an_agent_the_block_just_runs() -> None:
     with frozen_guest(None, timeout=1):
         ran.append(1)
     assert ran == [1]
+
+
+def test_opens_and_switch_in_one_round_trip_or_not_at_all(tmp_path: Path,
+                                                          chain: dict[str, Path]) -> None:
+    vm = Vm(tmp_path, {"d0": chain["top"], "d1": chain["guest"]})
+    try:
+        ov0 = _overlay(chain["top"], tmp_path / "top.1.qcow2")
+        with pytest.raises(QmpCommandError):  # the second overlay's file does not exist
+            add_and_switch(vm.qmp, [("d0", "ov0", ov0),
+                                    ("d1", "ov1", tmp_path / "missing.qcow2")])
+        assert vm.top_chain("d0")[0] == os.fspath(chain["top"])  # nothing switched
+        remove_node(vm.qmp, "ov0")
+        ov1 = _overlay(chain["guest"], tmp_path / "guest.1.qcow2")
+        add_and_switch(vm.qmp, [("d0", "ov0", ov0), ("d1", "ov1", ov1)])
+        assert node_file(vm.top_chain("d0")[0]) == os.fspath(ov0)
+        assert node_file(vm.top_chain("d1")[0]) == os.fspath(ov1)
+    finally:
+        vm.quit()
+
+
+def test_qemu_dying_during_a_job_leaves_both_images_valid(tmp_path: Path,
+                                                          chain: dict[str, Path],
+                                                          qemu: object) -> None:
+    vm, ov = _switched(tmp_path, chain)
+    seen: list[int] = []
+
+    def killer(done: int, total: int) -> None:
+        seen.append(done)
+        if len(seen) == 3:
+            vm.proc.kill()  # QEMU dies with the commit under way
+
+    with pytest.raises(LiveError):
+        run_job(vm.qmp, "block-commit", {"device": "ov", "top-node": "ov", "base-node": "d0",
+                                         "speed": 64 * 1024},
+                job_id="dies", progress=killer)
+    vm.kill()
+    for p in (ov, chain["top"], chain["base"]):
+        qemu.assert_clean(p)  # type: ignore[attr-defined]
+    # The overlay still reads everything the guest wrote (over the partly-merged base).
+    qemu.io("-r", "-c", "read -P 0x22 2M 1M", "-c", "read -P 0x11 0 1M", ov)  # type: ignore[attr-defined]
