@@ -2,8 +2,9 @@
 
 One paused ``qemu-system-x86_64`` (no guest kernel needed) runs two disks
 through guest devices, each with its own chain. On the first, boxdisk takes
-snapshots the way the store does (the overlay created natively, opened with
-``blockdev-add``, switched with ``blockdev-snapshot``); on the second, QEMU
+snapshots the way the store does (the overlay created natively and made
+durable, then opened with ``blockdev-add`` and switched with
+``blockdev-snapshot``, both sent in one round trip); on the second, QEMU
 takes them itself (``blockdev-snapshot-sync``: QEMU creates the overlay).
 Both are timed over the same QMP socket in one run, alternating, and each is
 followed by a guest write so every layer holds data. Then the store's whole
@@ -32,7 +33,7 @@ import time
 from pathlib import Path
 
 from boxdisk import create_cow_child_disk, create_disk
-from boxdisk.live import Qmp, add_overlay, switch_to_overlays
+from boxdisk.live import Qmp, add_and_switch
 from boxdisk.store import BoxStore
 
 MIB = 1 << 20
@@ -105,15 +106,14 @@ def run(work: Path, n: int) -> int:
             mine_t, peer_t, held = [], [], []
             mine_top, peer_node = "mine", "peer"
             for i in range(1, n + 1):
-                # boxdisk: native overlay, blockdev-add, blockdev-snapshot.
+                # boxdisk: native overlay (fsynced with its directory), blockdev-add + snapshot.
                 t0 = time.perf_counter()
                 path = mine_dir / f"top.{i}.qcow2"
                 with create_cow_child_disk(mine_dir / f"top.{i - 1}.qcow2", "qcow2", path,
                                            persistent=True, relative=True):
                     pass
-                add_overlay(q, f"mine{i}", path)
                 s0 = time.perf_counter()
-                switch_to_overlays(q, [(mine_top, f"mine{i}")])
+                add_and_switch(q, [(mine_top, f"mine{i}", path)])  # one round trip
                 t1 = time.perf_counter()
                 mine_t.append(t1 - t0)
                 held.append(t1 - s0)
@@ -144,7 +144,7 @@ def run(work: Path, n: int) -> int:
             print(f"{label:34}{statistics.median(values) * 1000:>8.3f}ms"
                   f"{percentile(values, 90) * 1000:>8.3f}ms{percentile(values, 99) * 1000:>8.3f}ms")
     print(f"ratio boxdisk / QEMU: {med_m / med_p:.2f}x   (target <= 1.0x)")
-    for label, values in (("guest I/O held, bare switch", held),
+    for label, values in (("guest I/O held, add+switch trip", held),
                           ("guest I/O held, BoxStore.snapshot", store_held)):
         if values:
             print(f"{label:34}{statistics.median(values) * 1000:>8.3f}ms (median)"

@@ -44,7 +44,7 @@ from tests.store.helpers import (
 )
 
 from .test_qmp import _Agent
-from .vm import Vm, writes
+from .vm import StorageDaemon, Vm, writes
 
 pytestmark = pytest.mark.qemu
 
@@ -766,3 +766,32 @@ def test_qemu_gone_during_a_live_merge_is_finished_offline(tmp_path: Path, store
         assert again.verify().ok, again.verify().problems
         for image in again._images():
             qemu.assert_clean(image)
+
+
+# -- qemu-storage-daemon: the block layer without a machine ------------------------------------
+
+
+def test_a_box_served_by_qemu_storage_daemon_snapshots_and_merges_live(
+        tmp_path: Path, store: BoxStore, qemu: Any) -> None:
+    qsd = StorageDaemon(tmp_path, store.box("vm2").disk)
+    try:
+        store.attach("vm2", qsd.qmp_path)
+        qsd.io("write -P 0x91 0 64k")
+        store.snapshot("vm2", "s1")
+        qsd.io("write -P 0x92 0 4k")  # the export follows QEMU onto the new top
+        qsd.io("read -P 0x91 4k 60k")
+        assert store.box("vm2").disk.name != "disk.qcow2"  # a new top, nothing renamed
+        store.export_box("vm2", tmp_path / "out.qcow2")
+        store.remove_snapshot("vm2", "s1", merge=True)
+        qsd.io("read -P 0x92 0 4k")
+        assert store.verify().ok, store.verify().problems
+    finally:
+        qsd.stop()
+    assert_reads(qemu, tmp_path / "out.qcow2", 0x92, 0, 4 * KIB)
+    assert_reads(qemu, tmp_path / "out.qcow2", 0x91, 4 * KIB, 60 * KIB)
+    store.detach("vm2")
+    _assert_no_live_leftovers(store, "vm2")
+    assert_reads(qemu, store.box("vm2").disk, 0x92, 0, 4 * KIB)
+    assert_reads(qemu, store.box("vm2").disk, 0x91, 4 * KIB, 60 * KIB)
+    for image in store._images():
+        qemu.assert_clean(image)

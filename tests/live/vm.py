@@ -168,3 +168,65 @@ def writes(vm: Vm, drive: str, pattern: int, spans: Sequence[tuple[int, int]]) -
     """Write ``pattern`` over each (offset, length) through QEMU, as a guest would."""
     for off, length in spans:
         vm.io(drive, f"write -P {pattern:#x} {off} {length}")
+
+
+QEMU_STORAGE_DAEMON = shutil.which("qemu-storage-daemon")
+
+
+class StorageDaemon:
+    """``qemu-storage-daemon`` serving one image over NBD (a writable export), with QMP.
+
+    What a runtime without a whole machine looks like: the block layer alone.
+    Writes go through the export (``qemu-io`` on its NBD socket), so they reach
+    whatever node QEMU has on top, as a guest's would.
+    """
+
+    def __init__(self, workdir: Path, image: Path, *, name: str = "qsd") -> None:
+        if QEMU_STORAGE_DAEMON is None:
+            if os.environ.get("CI"):
+                pytest.fail("qemu-storage-daemon is missing under CI (qemu-system-common)")
+            pytest.skip("qemu-storage-daemon not installed")
+        self.qmp_path = workdir / f"{name}.qmp"
+        self.nbd_path = workdir / f"{name}.nbd"
+        cmd = [QEMU_STORAGE_DAEMON,
+               "--blockdev", json.dumps({"driver": "qcow2", "node-name": "disk0", "file": {
+                   "driver": "file", "filename": os.fspath(image)}}),
+               "--nbd-server", f"addr.type=unix,addr.path={self.nbd_path}",
+               "--export", "type=nbd,id=exp0,node-name=disk0,name=disk0,writable=on",
+               "--chardev", f"socket,id=qmp0,path={self.qmp_path},server=on,wait=off",
+               "--monitor", "chardev=qmp0"]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while not (self.qmp_path.exists() and self.nbd_path.exists()):
+            if self.proc.poll() is not None:
+                _, err = self.proc.communicate()
+                pytest.fail(f"qemu-storage-daemon exited at start: {err}")
+            if time.monotonic() > deadline:
+                self.stop()
+                pytest.fail("qemu-storage-daemon did not start within 30 s")
+            time.sleep(0.01)
+
+    def io(self, command: str) -> str:
+        """A qemu-io command through the NBD export (as a guest's I/O)."""
+        proc = subprocess.run(["qemu-io", "-f", "raw", "-c", command,
+                               f"nbd+unix:///disk0?socket={self.nbd_path}"],
+                              capture_output=True, text=True, check=False, timeout=60)
+        out = proc.stdout + proc.stderr
+        if proc.returncode != 0 or "failed" in out.lower():
+            pytest.fail(f"qemu-io {command!r} via NBD: {out}")
+        return out
+
+    def stop(self) -> None:
+        """Quit the daemon (it closes its images cleanly)."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(Exception), Qmp(self.qmp_path) as q:
+                q.execute("quit")
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for f in (self.proc.stdout, self.proc.stderr):
+            if f is not None:
+                f.close()
