@@ -67,6 +67,14 @@ def _plan(ctx: StoreContext, box_id: str, name: str, bdir: Path, qmp: Qmp,
             msg = f"snapshot {name!r} of box {box_id!r} is in use"
             raise SnapshotInUseError(msg, path=sdir, field="snapshot", value=name,
                                      dependents=tuple(sorted(deps)))
+        if entry is None:
+            # QEMU names every image under this one through the snapshot's directory
+            # (it resolves backing names from the name it opened each image by), so the
+            # directory must outlive this QEMU: only a stopped box can lose it.
+            msg = (f"refusing to remove snapshot {name!r} while box {box_id!r} runs: it was "
+                   f"taken before the box started, and the running QEMU names the images "
+                   f"under it through its directory; stop the box first")
+            raise DiskInUseError(msg, path=sdir, field="qmp", value=qmp.path)
         if len(deps) != 1:
             msg = (f"snapshot {name!r} of running box {box_id!r} has {len(deps)} images over "
                    f"it; a live merge takes one (the running chain's); stop the box first")
@@ -116,7 +124,7 @@ def live_remove_snapshot(ctx: StoreContext, box_id: str, name: str, bdir: Path, 
 
 def _finish(ctx: StoreContext, data: dict[str, Any], opid: str, qmp: Qmp | None) -> None:
     """Stream each frozen file into the image over it, then delete the snapshot (idempotent)."""
-    from boxdisk.live import find_nodes, run_job, wait_job  # noqa: PLC0415
+    from boxdisk.live import find_nodes, remove_node, run_job, wait_job  # noqa: PLC0415
 
     lay = ctx.layout
     bdir = lay.box_dir(data["box"])
@@ -135,6 +143,9 @@ def _finish(ctx: StoreContext, data: dict[str, Any], opid: str, qmp: Qmp | None)
                         args |= {"base-node": step["base_node"],
                                  "backing-file": step["backing_name"]}
                     run_job(qmp, "block-stream", args, job_id=job, timeout=STREAM_TIMEOUT)
+            # A node the monitor owns (-blockdev, or boxdisk's blockdev-add) stays open
+            # after the stream until it is deleted; one only the chain held is gone.
+            remove_node(qmp, step["frozen_node"])
         elif above.exists() and _backs_onto(above, frozen):
             base = None if step["base"] is None else lay.abs(step["base"])
             rebase(above, base, backing_format=step["base_format"], safe=True, relative=True,

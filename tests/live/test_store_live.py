@@ -685,9 +685,10 @@ def test_a_live_merge_keeps_what_every_image_reads(tmp_path: Path, store: BoxSto
         store.remove_snapshot("vm1", "s1", merge=True)  # a stub's: streamed into s2's file
         assert store.box("vm1").snapshots == ("s0", "s2")
         assert len(_qemu_chain(vm, "d0")) == depth - 1
-        store.remove_snapshot("vm1", "s0", merge=True)  # its own file: QEMU had it open
-        assert store.box("vm1").snapshots == ("s2",)
-        assert len(_qemu_chain(vm, "d0")) == depth - 2
+        with pytest.raises(DiskInUseError, match="before the box started"):
+            # QEMU names the images under s0 through its directory: it must stay.
+            store.remove_snapshot("vm1", "s0", merge=True)
+        assert store.box("vm1").snapshots == ("s0", "s2")
         writes(vm, "d0", 0x55, [(4 * MIB, 64 * KIB)])
         vm.io("d0", "read -P 0x51 0 64k")
         vm.io("d0", "read -P 0x52 1M 64k")
@@ -793,5 +794,49 @@ def test_a_box_served_by_qemu_storage_daemon_snapshots_and_merges_live(
     _assert_no_live_leftovers(store, "vm2")
     assert_reads(qemu, store.box("vm2").disk, 0x92, 0, 4 * KIB)
     assert_reads(qemu, store.box("vm2").disk, 0x91, 4 * KIB, 60 * KIB)
+    for image in store._images():
+        qemu.assert_clean(image)
+
+
+def _open_files(vm: Vm) -> dict[str, tuple[int, int]]:
+    """Every file QEMU has open, by the name QEMU knows it, with its (device, inode)."""
+    out = {}
+    for n in vm.qmp.execute("query-named-block-nodes", {"flat": True}):
+        if n.get("drv") == "file":
+            st = os.stat(n["file"])
+            out[n["file"]] = (st.st_dev, st.st_ino)
+    return out
+
+
+def test_no_file_qemu_has_open_is_ever_renamed_or_replaced(tmp_path: Path, store: BoxStore,
+                                                           qemu: Any) -> None:
+    """QEMU reopens by name: each name it knows must keep naming the file it opened."""
+    store.snapshot("vm1", "s0")
+    vm = _start(tmp_path, store, "vm1")
+    seen: dict[str, tuple[int, int]] = {}
+
+    def check() -> None:
+        now = _open_files(vm)
+        for name, ino in seen.items():
+            if name in now:
+                assert now[name] == ino, f"{name} names another file now"
+        seen.update(now)
+
+    try:
+        store.attach("vm1", vm.qmp_path)
+        check()
+        for step in (lambda: store.snapshot("vm1", "s1"),
+                     lambda: store.clone_box("vm1", "vm3"),
+                     lambda: store.export_box("vm1", tmp_path / "e.qcow2"),
+                     lambda: store.snapshot("vm1", "s2"),
+                     lambda: store.remove_snapshot("vm1", "s1", merge=True),
+                     lambda: store.remove_snapshot("vm1", "s2", merge=True)):
+            writes(vm, "d0", 0x33, [(0, 4 * KIB)])
+            step()
+            check()
+            assert store.verify().ok, store.verify().problems
+        assert len(seen) >= 6
+    finally:
+        vm.quit()
     for image in store._images():
         qemu.assert_clean(image)
