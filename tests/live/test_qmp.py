@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -432,3 +433,37 @@ def test_qemu_dying_during_a_job_leaves_both_images_valid(tmp_path: Path,
         qemu.assert_clean(p)  # type: ignore[attr-defined]
     # The overlay still reads everything the guest wrote (over the partly-merged base).
     qemu.io("-r", "-c", "read -P 0x22 2M 1M", "-c", "read -P 0x11 0 1M", ov)  # type: ignore[attr-defined]
+
+
+def test_a_job_that_fails_raises_with_qemus_error(tmp_path: Path, qemu: object) -> None:
+    """A stream into an overlay on a full file system: the job fails, QEMU says why."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("CI runs as root: this test mounts a tiny tmpfs")
+        pytest.skip("mounting a tmpfs needs root")
+    base, mid = tmp_path / "base.qcow2", tmp_path / "mid.qcow2"
+    with create_disk(base, True, size=16 * MiB):
+        pass
+    with create_cow_child_disk(base, "qcow2", mid, persistent=True):
+        pass
+    qemu.io("-c", "write -P 0x5c 0 4M", mid)  # type: ignore[attr-defined]
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", os.fspath(small)],
+                   check=True)
+    try:
+        top = small / "top.qcow2"
+        with create_cow_child_disk(mid, "qcow2", top, persistent=True):
+            pass
+        vm = Vm(tmp_path, {"d0": top})  # copying mid's 4 MiB up cannot fit in 1 MiB
+        try:
+            base_node = find_nodes(vm.qmp, [base])[os.fspath(base)].name
+            with pytest.raises(BlockJobError) as err:
+                run_job(vm.qmp, "block-stream", {"device": "d0", "base-node": base_node},
+                        job_id="full")
+            assert "No space left on device" in err.value.message  # QEMU's own words
+            assert vm.qmp.execute("query-jobs") == []  # dismissed
+        finally:
+            vm.quit()
+    finally:
+        subprocess.run(["umount", os.fspath(small)], check=True)
