@@ -58,25 +58,11 @@ from boxdisk.graph import DependencyGraph
 from boxdisk.ops import Progress
 from boxdisk.qcow2 import BackingFormat
 
-from . import (
-    _boxes,
-    _clones,
-    _live,
-    _live_export,
-    _live_merge,
-    _live_snapshot,
-    _queries,
-    _removal,
-    _settle,
-    _snapshots,
-    _specs,
-)
+from . import _boxes, _clones, _live, _queries, _removal, _snapshots, _specs
 from ._boxes import BoxSpec
 from ._core import StoreContext, check_size, ms, reported
-from ._fs import (
-    SYNC_MODES,
-    Durability,
-)
+from ._fs import SYNC_MODES, Durability
+from ._handlers import RECOVERY
 from ._journal import Journal, new_opid
 from ._layout import Layout
 from ._locks import StoreLocks
@@ -90,24 +76,6 @@ __all__ = ["BoxStore"]
 
 log = get_logger(__name__)
 
-#: Which module recovers each journaled operation.
-_RECOVERY = {
-    "create_box": _boxes.recover_staged,
-    "create_boxes": _boxes.recover_create_boxes,
-    "import_box": _boxes.recover_staged,
-    "add_base": _boxes.recover_staged,
-    "snapshot": _snapshots.recover_snapshot,
-    "snapshot_boxes": _snapshots.recover_snapshot_boxes,
-    "restore": _snapshots.recover_restore,
-    "clone_box": _clones.recover_clone,
-    "live_snapshot": _live_export.recover_live_snapshot_or_export,
-    "live_clone": _live_snapshot.recover_live_snapshot,
-    "live_export": _live_export.recover_live_export,
-    "live_remove_snapshot": _live_merge.recover_live_remove_snapshot,
-    "settle": _settle.recover_settle,
-    "remove_snapshot": _removal.recover_remove_snapshot,
-    "remove_box": _removal.recover_remove_box,
-}
 
 
 class BoxStore:
@@ -148,7 +116,7 @@ class BoxStore:
             self._locks = StoreLocks(self._layout, float(lock_timeout))
             self._journal = Journal(self._layout)
             self._ctx = StoreContext(self._layout, self._locks, self._journal, durability)
-            self._recovery = Recovery(self._ctx, _RECOVERY)
+            self._recovery = Recovery(self._ctx, RECOVERY)
             self._ctx.recovery = self._recovery
             self._closed = False
             self._recovery.recover_dead()
