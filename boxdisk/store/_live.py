@@ -43,11 +43,11 @@ def attach(ctx: StoreContext, box_id: str, qmp: str, guest_agent: str | None) ->
         bdir = ctx.box_dir(box_id)
         state = read_state(bdir) or LiveState()
         with connect(qmp) as q:
-            check_serves(q, top_paths(bdir, state))
+            nodes = check_serves(q, top_paths(bdir, state), state.nodes)
         if guest_agent is not None:
             with connect(guest_agent, agent=True) as ga:
                 ga.execute("guest-ping")
-        new = attrs.evolve(state, qmp=qmp, guest_agent=guest_agent)
+        new = attrs.evolve(state, qmp=qmp, guest_agent=guest_agent, nodes=nodes)
         ctx.barrier(stage_state(bdir, new, new_opid()))
     log.info("box_attached", box=box_id, qmp=qmp, guest_agent=guest_agent, ms=ms(start))
 

@@ -34,7 +34,7 @@ from ._fs import remove_tree
 from ._journal import Record, crashpoint, new_opid
 from ._layout import CONTAINER_DISK, DISK_NAMES
 from ._live_snapshot import live_snapshot, recover_live_snapshot
-from ._livestate import LiveState, connect, read_state, stage_state
+from ._livestate import LiveState, connect, qemu_nodes, read_state, stage_state
 
 if TYPE_CHECKING:
     from boxdisk.live import Qmp
@@ -105,7 +105,7 @@ def _hide(ctx: StoreContext, data: dict[str, Any], record: Record) -> None:
 def _merge(ctx: StoreContext, data: dict[str, Any], opid: str, qmp: Qmp | None,
            progress: Progress | None) -> None:
     """The commit of each disk (by QEMU if it runs, else offline), then the tidy-up."""
-    from boxdisk.live import remove_node, top_files  # noqa: PLC0415
+    from boxdisk.live import remove_node  # noqa: PLC0415
 
     lay = ctx.layout
     bdir = lay.box_dir(data["box"])
@@ -114,8 +114,7 @@ def _merge(ctx: StoreContext, data: dict[str, Any], opid: str, qmp: Qmp | None,
         if not overlay.exists():
             continue  # merged and removed already
         if qmp is not None:
-            writing = [os.path.realpath(f) for f in top_files(qmp).values()]
-            if os.path.realpath(overlay) in writing:
+            if qemu_nodes(qmp).get(e["overlay_node"]):  # QEMU still writes the new top
                 _finish_or_start(qmp, f"boxdisk-merge-{opid}-{i}", e, progress)
             remove_node(qmp, e["overlay_node"])
         else:
@@ -124,11 +123,13 @@ def _merge(ctx: StoreContext, data: dict[str, Any], opid: str, qmp: Qmp | None,
     state = read_state(bdir) or LiveState(qmp=data.get("qmp"))
     tops = {d: t for d, t in state.tops.items()
             if t[0] not in {e["overlay"] for e in data["disks"]}}
+    nodes = dict(state.nodes)
     for e in data["disks"]:
         if e["top"] != e["disk"]:  # the frozen file is the top again, under its own name
             tops[e["disk"]] = [e["top"], *(inode(bdir / e["top"]) or [0, 0])]
+        nodes[e["disk"]] = e["node"]
     frozen = [f for f in state.frozen if f.get("snapshot") != data["name"]]
-    paths = stage_state(bdir, attrs.evolve(state, tops=tops, frozen=frozen), opid)
+    paths = stage_state(bdir, attrs.evolve(state, tops=tops, frozen=frozen, nodes=nodes), opid)
     for e in data["disks"]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(bdir / e["overlay"])

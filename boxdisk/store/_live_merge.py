@@ -31,7 +31,7 @@ from boxdisk.ops import rebase
 from ._core import StoreContext, box_key, ms
 from ._fs import remove_tree
 from ._journal import Record, crashpoint, new_opid
-from ._livestate import LiveState, connect, read_state, stage_state
+from ._livestate import LiveState, connect, qemu_nodes, read_state, stage_state
 from ._queries import graph
 
 if TYPE_CHECKING:
@@ -82,22 +82,34 @@ def _plan(ctx: StoreContext, box_id: str, name: str, bdir: Path, qmp: Qmp,
                                      dependents=tuple(sorted(deps)))
         [above] = deps
         node = g.node(frozen)
-        wanted = [frozen, Path(above), *([Path(node.backing)] if node.backing else [])]
-        nodes = find_nodes(qmp, wanted)
-        if os.fspath(frozen) not in nodes or above not in nodes:
-            msg = (f"snapshot {name!r}: QEMU at {qmp.path} does not have its chain open; "
-                   f"its dependent {above} is not the running box's")
-            raise DiskInUseError(msg, path=above, field="qmp", value=qmp.path)
-        base = None if node.backing is None else nodes.get(node.backing)
-        if node.backing is not None and base is None:
-            msg = f"QEMU at {qmp.path} does not have {node.backing} open"
-            raise LiveError(msg, path=node.backing, field="qmp", value=qmp.path)
+        present = qemu_nodes(qmp)
+        # QEMU's nodes by the names the live state recorded (see _livestate): the frozen
+        # file's, the one over it (a later frozen file, or the top), and under it a
+        # frozen file's or, for a base or an older snapshot, the one found by its file.
+        frozen_node = entry["node"]
+        later = [f for f in state.frozen if f["disk"] == d
+                 and os.path.realpath(bdir / f["file"]) == above]
+        above_node = later[0]["node"] if later else state.nodes.get(d)
+        below = [f for f in state.frozen if f["disk"] == d and node.backing is not None
+                 and os.path.realpath(bdir / f["file"]) == node.backing]
+        if below:
+            base_node: str | None = below[0]["node"]
+        elif node.backing is None:
+            base_node = None
+        else:
+            found = find_nodes(qmp, [node.backing]).get(node.backing)
+            base_node = None if found is None else found.name
+        if (frozen_node not in present or above_node not in present
+                or (node.backing is not None and base_node not in present)):
+            msg = (f"snapshot {name!r}: QEMU at {qmp.path} does not have its chain open as "
+                   f"the store recorded it")
+            raise LiveError(msg, path=frozen, field="qmp", value=qmp.path)
         steps.append({
             "disk": d, "frozen": lay.rel(frozen), "stub": entry is not None,
-            "above": lay.rel(above), "above_node": nodes[above].name,
-            "frozen_node": nodes[os.fspath(frozen)].name,
+            "above": lay.rel(above), "above_node": above_node,
+            "frozen_node": frozen_node,
             "base": None if node.backing is None else lay.rel(node.backing),
-            "base_node": None if base is None else base.name,
+            "base_node": base_node,
             "base_format": node.backing_format,
             "backing_name": None if node.backing is None else os.path.relpath(
                 node.backing, os.path.dirname(above)),
@@ -124,7 +136,7 @@ def live_remove_snapshot(ctx: StoreContext, box_id: str, name: str, bdir: Path, 
 
 def _finish(ctx: StoreContext, data: dict[str, Any], opid: str, qmp: Qmp | None) -> None:
     """Stream each frozen file into the image over it, then delete the snapshot (idempotent)."""
-    from boxdisk.live import find_nodes, remove_node, run_job, wait_job  # noqa: PLC0415
+    from boxdisk.live import remove_node, run_job, wait_job  # noqa: PLC0415
 
     lay = ctx.layout
     bdir = lay.box_dir(data["box"])
@@ -133,7 +145,7 @@ def _finish(ctx: StoreContext, data: dict[str, Any], opid: str, qmp: Qmp | None)
             continue
         frozen, above = lay.abs(step["frozen"]), lay.abs(step["above"])
         if qmp is not None:
-            if os.fspath(frozen) in find_nodes(qmp, [frozen]):  # still in QEMU's chain
+            if _backs_onto(above, frozen):  # not streamed yet (QEMU rewrites the header)
                 job = f"boxdisk-stream-{opid}-{i}"
                 if any(j.get("id") == job for j in qmp.execute("query-jobs")):
                     wait_job(qmp, job, "block-stream", timeout=STREAM_TIMEOUT)

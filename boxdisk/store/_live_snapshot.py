@@ -43,7 +43,15 @@ from ._freeze import inode
 from ._fs import dump_json, link_new_file, remove_tree, write_file
 from ._journal import Record, crashpoint
 from ._layout import BOX_META, CLONE_META, SNAPSHOT_META
-from ._livestate import LiveState, check_serves, connect, read_state, stage_state, top_paths
+from ._livestate import (
+    LiveState,
+    check_serves,
+    connect,
+    qemu_nodes,
+    read_state,
+    stage_state,
+    top_paths,
+)
 
 if TYPE_CHECKING:
     from boxdisk.live import Qmp
@@ -58,7 +66,7 @@ def _entries(qmp: Qmp, state: LiveState, bdir: Path, frozen_dir: Path,
              opid: str) -> tuple[list[dict[str, Any]], list[tuple[ImagePlan, ImagePlan]]]:
     """Per disk: the journal entry, and the plans of its new top and of its stub."""
     tops = top_paths(bdir, state)
-    nodes = check_serves(qmp, tops)
+    nodes = check_serves(qmp, tops, state.nodes)
     entries: list[dict[str, Any]] = []
     plans = []
     for i, (d, top) in enumerate(tops.items()):
@@ -224,36 +232,31 @@ def _forward(ctx: StoreContext, data: dict[str, Any], opid: str) -> list[Path]:
     state = read_state(bdir) or LiveState(qmp=data.get("qmp"))
     tops = dict(state.tops)
     frozen = list(state.frozen)
+    nodes = dict(state.nodes)
     for e in data["disks"]:
         if tops.get(e["disk"], [e["disk"]])[0] == e["overlay"]:
             continue  # recorded already
-        frozen.append({"disk": e["disk"], "file": e["top"], "inode": e["inode"], **where})
+        frozen.append({"disk": e["disk"], "file": e["top"], "inode": e["inode"],
+                       "node": e["node"], **where})
         tops[e["disk"]] = [e["overlay"], *(inode(bdir / e["overlay"]) or [0, 0])]
-    return [*paths, *stage_state(bdir, attrs.evolve(state, tops=tops, frozen=frozen), opid)]
+        nodes[e["disk"]] = e["overlay_node"]
+    new = attrs.evolve(state, tops=tops, frozen=frozen, nodes=nodes)
+    return [*paths, *stage_state(bdir, new, opid)]
 
 
 def _ask_qemu(data: dict[str, Any], bdir: Path) -> tuple[bool | None, Qmp | None]:
     """Whether the box's QEMU writes to the new tops (None: no QEMU answers), and its connection."""
-    from boxdisk.live import top_files  # noqa: PLC0415
-
     try:
         q = connect(data["qmp"])
     except LiveError:
         return None, None
     try:
-        files = list(top_files(q).values())
+        writable = qemu_nodes(q)
     except LiveError:
         q.close()
         return None, None
-    overlays = [bdir / e["overlay"] for e in data["disks"]]
-    return any(_same(f, o) for f in files for o in overlays), q
-
-
-def _same(a: str, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
+    # The new tops' node names are boxdisk's own (they carry the operation's id).
+    return any(writable.get(e["overlay_node"]) for e in data["disks"]), q
 
 
 def _grown(path: Path, file_size: int) -> bool:

@@ -10,9 +10,17 @@ other box reading it costs one failed open.
   the disk's usual name: a live snapshot cannot rename the file QEMU writes,
   so the new top gets a new name (``disk.OPID.qcow2``).
 - ``frozen``: oldest first, the files live snapshots froze where QEMU had
-  them: ``{"disk", "file", "inode", "snapshot"}``. The snapshot's directory
-  holds a stub until the box is settled: an empty qcow2 over the frozen file,
-  so that no header QEMU has open is ever rewritten.
+  them: ``{"disk", "file", "inode", "snapshot" or "clone", "node"}``. The
+  snapshot's directory holds a stub until the box is settled: an empty qcow2
+  over the frozen file, so that no header QEMU has open is ever rewritten.
+- ``nodes``: disk name -> the name of QEMU's node for its top.
+
+QEMU's node names are recorded because a node whose backing was given at run
+time (every new top, and every frozen file under one) is reported by QEMU not
+by its file name but as ``json:{...}`` options, which nest one level per layer
+and stop fitting in QEMU's 4 KiB file-name field a few dozen layers down. A
+recorded name is trusted only if QEMU has a node of that name now; otherwise
+the node is found by its file.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ __all__ = [
     "LiveState",
     "check_serves",
     "connect",
+    "qemu_nodes",
     "read_state",
     "stage_state",
     "top_paths",
@@ -57,11 +66,12 @@ class LiveState:
     guest_agent: str | None = None
     tops: dict[str, list[Any]] = attrs.field(factory=dict)
     frozen: list[dict[str, Any]] = attrs.field(factory=list)
+    nodes: dict[str, str] = attrs.field(factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object ``live.json`` holds."""
         return {"qmp": self.qmp, "guest_agent": self.guest_agent, "tops": self.tops,
-                "frozen": self.frozen}
+                "frozen": self.frozen, "nodes": self.nodes}
 
     @property
     def empty(self) -> bool:
@@ -84,7 +94,8 @@ def read_state(bdir: Path) -> LiveState | None:
     try:
         return LiveState(qmp=raw.get("qmp"), guest_agent=raw.get("guest_agent"),
                          tops=dict(raw.get("tops") or {}),
-                         frozen=[dict(f) for f in raw.get("frozen") or []])
+                         frozen=[dict(f) for f in raw.get("frozen") or []],
+                         nodes=dict(raw.get("nodes") or {}))
     except (AttributeError, TypeError, ValueError) as exc:
         msg = f"live state is malformed ({exc!r})"
         raise StoreError(msg, path=path, field=LIVE_META) from None
@@ -127,13 +138,27 @@ def connect(path: str, *, agent: bool = False) -> Qmp:
     return Qmp(path, timeout=CONNECT_TIMEOUT, agent=agent)
 
 
-def check_serves(qmp: Qmp, tops: dict[str, Path]) -> dict[str, str]:
-    """Disk name -> node name of each top QEMU has open for writing; LiveError otherwise."""
+def qemu_nodes(qmp: Qmp) -> dict[str, bool]:
+    """Every format node QEMU has now: name -> whether it is writable."""
+    return {str(n["node-name"]): not n.get("ro")
+            for n in qmp.execute("query-named-block-nodes", {"flat": True})
+            if n.get("drv") not in ("file", "host_device", "host_cdrom")}
+
+
+def check_serves(qmp: Qmp, tops: dict[str, Path],
+                 known: dict[str, str] | None = None) -> dict[str, str]:
+    """Disk name -> node name of each top QEMU has open for writing; LiveError otherwise.
+
+    ``known`` (recorded names, see the module) are used where QEMU has a
+    writable node of that name; the others are found by their files.
+    """
     from boxdisk.live import find_nodes  # noqa: PLC0415
 
-    nodes = find_nodes(qmp, list(tops.values()))
-    out = {}
-    for d, path in tops.items():
+    present = qemu_nodes(qmp) if known else {}
+    out = {d: known[d] for d in tops if known and present.get(known.get(d, ""))}
+    rest = {d: p for d, p in tops.items() if d not in out}
+    nodes = find_nodes(qmp, list(rest.values())) if rest else {}
+    for d, path in rest.items():
         node = nodes.get(os.fspath(path))
         if node is None or node.read_only:
             how = "open" if node is None else "open for writing"

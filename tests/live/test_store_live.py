@@ -840,3 +840,28 @@ def test_no_file_qemu_has_open_is_ever_renamed_or_replaced(tmp_path: Path, store
         vm.quit()
     for image in store._images():
         qemu.assert_clean(image)
+
+
+def test_many_live_snapshots_deep(tmp_path: Path, store: BoxStore, qemu: Any) -> None:
+    """Past a few dozen layers QEMU no longer reports a new top's file name (its json:{}
+    options outgrow 4 KiB): the store follows QEMU's nodes by the names it recorded."""
+    vm = _start(tmp_path, store, "vm2")
+    try:
+        store.attach("vm2", vm.qmp_path)
+        for i in range(60):
+            writes(vm, "d0", i + 1, [(i * 64 * KIB, 64 * KIB)])
+            store.snapshot("vm2", f"s{i}")
+        store.remove_snapshot("vm2", "s30", merge=True)
+        store.export_box("vm2", tmp_path / "deep.qcow2")
+        store.clone_box("vm2", "deep-clone")
+        assert store.verify().ok, store.verify().problems
+    finally:
+        vm.quit()
+    store.detach("vm2")
+    _assert_no_live_leftovers(store, "vm2")
+    for i in range(60):
+        assert_reads(qemu, tmp_path / "deep.qcow2", i + 1, i * 64 * KIB, 64 * KIB)
+        assert_reads(qemu, store.box("deep-clone").disk, i + 1, i * 64 * KIB, 64 * KIB)
+    assert_reads(qemu, store.snapshot_info("vm2", "s40").disk, 41, 40 * 64 * KIB, 64 * KIB)
+    assert_reads(qemu, store.snapshot_info("vm2", "s40").disk, 0, 41 * 64 * KIB, 64 * KIB)
+    assert store.verify().ok, store.verify().problems
