@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from boxdisk._errors import LiveError
+from boxdisk._errors import LiveError, QmpCommandError
 from boxdisk.qcow2 import BackingFormat, ImagePlan, plan_disk, read_header
 
 from ._core import StoreContext, box_key
@@ -116,6 +116,18 @@ def _run(ctx: StoreContext, op: str, keys: tuple[str, ...], data: dict[str, Any]
     return held_ms
 
 
+def _fresh_nodes_on_refusal(call: Callable[[LiveState], dict[str, Any]],
+                            state: LiveState) -> dict[str, Any]:
+    """Run ``call``; if QEMU has no node of a recorded name (a new QEMU on the same socket),
+    run it once more with the nodes found by their files. The refused try changed nothing."""
+    try:
+        return call(state)
+    except QmpCommandError as exc:
+        if not any(n in exc.message for n in state.nodes.values()):
+            raise
+        return call(attrs.evolve(state, nodes={}))
+
+
 def live_snapshot(ctx: StoreContext, box_id: str, name: str, bdir: Path, qmp: Qmp,
                   state: LiveState, opid: str,
                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -123,6 +135,12 @@ def live_snapshot(ctx: StoreContext, box_id: str, name: str, bdir: Path, qmp: Qm
 
     ``extra`` goes into the journal record (an export's plan, for its recovery).
     """
+    return _fresh_nodes_on_refusal(
+        lambda s: _live_snapshot(ctx, box_id, name, bdir, qmp, s, opid, extra), state)
+
+
+def _live_snapshot(ctx: StoreContext, box_id: str, name: str, bdir: Path, qmp: Qmp,
+                   state: LiveState, opid: str, extra: dict[str, Any] | None) -> dict[str, Any]:
     lay = ctx.layout
     final = lay.snapshot_dir(box_id, name)
     stage = lay.snapshots_dir(box_id) / f".stage-{opid}"
@@ -145,6 +163,12 @@ def live_clone(ctx: StoreContext, src_id: str, dst_id: str, bdir: Path, qmp: Qmp
     The clone base (``clones/CID``) holds stubs over the frozen files, the new
     box children over the stubs; both are published after the switch.
     """
+    return _fresh_nodes_on_refusal(
+        lambda s: _live_clone(ctx, src_id, dst_id, bdir, qmp, s, opid, meta), state)
+
+
+def _live_clone(ctx: StoreContext, src_id: str, dst_id: str, bdir: Path, qmp: Qmp,
+                state: LiveState, opid: str, meta: dict[str, Any]) -> dict[str, Any]:
     lay = ctx.layout
     cdir = lay.clone_dir(opid)
     cstage = lay.clones / f".stage-{opid}"

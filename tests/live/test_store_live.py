@@ -865,3 +865,27 @@ def test_many_live_snapshots_deep(tmp_path: Path, store: BoxStore, qemu: Any) ->
     assert_reads(qemu, store.snapshot_info("vm2", "s40").disk, 41, 40 * 64 * KIB, 64 * KIB)
     assert_reads(qemu, store.snapshot_info("vm2", "s40").disk, 0, 41 * 64 * KIB, 64 * KIB)
     assert store.verify().ok, store.verify().problems
+
+
+def test_a_new_qemu_on_the_same_socket_is_found_by_the_files(tmp_path: Path, store: BoxStore,
+                                                             qemu: Any) -> None:
+    """The recorded node names are a new QEMU's no more: the store finds its nodes again."""
+    vm = _start(tmp_path, store, "vm2")
+    try:
+        store.attach("vm2", vm.qmp_path)
+        store.snapshot("vm2", "s1")  # the top is now a node boxdisk named
+        writes(vm, "d0", 0x13, [(0, 64 * KIB)])
+    finally:
+        vm.quit()
+    vm = _start(tmp_path, store, "vm2")  # the launcher restarts the VM, same sockets
+    try:
+        store.snapshot("vm2", "s2")
+        writes(vm, "d0", 0x14, [(MIB, 64 * KIB)])
+        assert os.path.samefile(_qemu_chain(vm, "d0")[0], store.box("vm2").disk)
+        assert store.verify().ok, store.verify().problems
+    finally:
+        vm.quit()
+    store.detach("vm2")
+    assert_reads(qemu, store.snapshot_info("vm2", "s2").disk, 0x13, 0, 64 * KIB)
+    assert_reads(qemu, store.box("vm2").disk, 0x14, MIB, 64 * KIB)
+    assert store.verify().ok, store.verify().problems
