@@ -3,8 +3,8 @@
 One paused ``qemu-system-x86_64`` (no guest kernel needed) runs two disks
 through guest devices, each with its own chain. On the first, boxdisk takes
 snapshots the way the store does (the overlay created natively and made
-durable, then opened with ``blockdev-add`` and switched with
-``blockdev-snapshot``, both sent in one round trip); on the second, QEMU
+durable, then opened and switched onto in one ``transaction``:
+``blockdev-snapshot-sync`` of the existing file); on the second, QEMU
 takes them itself (``blockdev-snapshot-sync``: QEMU creates the overlay).
 Both are timed over the same QMP socket in one run, alternating, and each is
 followed by a guest write so every layer holds data. Then the store's whole
@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from boxdisk import create_cow_child_disk, create_disk
-from boxdisk.live import Qmp, add_and_switch
+from boxdisk.live import Qmp, switch_to_existing
 from boxdisk.store import BoxStore
 
 MIB = 1 << 20
@@ -113,7 +113,7 @@ def run(work: Path, n: int) -> int:
                                            persistent=True, relative=True):
                     pass
                 s0 = time.perf_counter()
-                add_and_switch(q, [(mine_top, f"mine{i}", path)])  # one round trip
+                switch_to_existing(q, [(mine_top, f"mine{i}", path)])  # QEMU opens ours
                 t1 = time.perf_counter()
                 mine_t.append(t1 - t0)
                 held.append(t1 - s0)
@@ -144,7 +144,7 @@ def run(work: Path, n: int) -> int:
             print(f"{label:34}{statistics.median(values) * 1000:>8.3f}ms"
                   f"{percentile(values, 90) * 1000:>8.3f}ms{percentile(values, 99) * 1000:>8.3f}ms")
     print(f"ratio boxdisk / QEMU: {med_m / med_p:.2f}x   (target <= 1.0x)")
-    for label, values in (("guest I/O held, add+switch trip", held),
+    for label, values in (("guest I/O held, the switch", held),
                           ("guest I/O held, BoxStore.snapshot", store_held)):
         if values:
             print(f"{label:34}{statistics.median(values) * 1000:>8.3f}ms (median)"

@@ -30,6 +30,7 @@ __all__ = [
     "frozen_guest",
     "node_file",
     "run_job",
+    "switch_to_existing",
     "switch_to_overlays",
     "top_files",
     "wait_job",
@@ -164,6 +165,24 @@ def add_and_switch(qmp: Qmp, pairs: Sequence[tuple[str, str, str | os.PathLike[s
         {"type": "blockdev-snapshot", "data": {"node": node, "overlay": overlay}}
         for node, overlay, _path in pairs]}))
     qmp.execute_all(commands)
+
+
+def switch_to_existing(qmp: Qmp,
+                       pairs: Sequence[tuple[str, str, str | os.PathLike[str]]]) -> None:
+    """Switch each node onto an overlay file boxdisk made, opened by QEMU: one command.
+
+    ``pairs`` is (node now on top, overlay node name, overlay file). One
+    ``transaction`` of ``blockdev-snapshot-sync`` actions in ``mode:
+    existing``: QEMU opens the existing qcow2 (format given, nothing probed,
+    the file not rewritten), installs the node as its backing and moves the
+    node's users onto it, for every pair at once or for none (a failed
+    transaction closes what it opened).
+    """
+    qmp.execute("transaction", {"actions": [
+        {"type": "blockdev-snapshot-sync", "data": {
+            "node-name": node, "snapshot-file": os.fspath(path),
+            "snapshot-node-name": overlay, "format": "qcow2", "mode": "existing"}}
+        for node, overlay, path in pairs]})
 
 
 def remove_node(qmp: Qmp, node_name: str) -> None:

@@ -12,9 +12,9 @@ and:
   valid from where it is).
 
 Durable steps: (1) the journal record, the staged snapshot and the new tops,
-one barrier; QEMU opens the new tops (``blockdev-add``) and switches onto
-all of them in one ``transaction`` (``blockdev-snapshot``), a guest-agent
-freeze around it when there is an agent; (2) the snapshot is published and
+one barrier; in one ``transaction`` QEMU opens the new tops and switches onto
+all of them (``blockdev-snapshot-sync`` of an existing file, format given), a
+guest-agent freeze around it when there is an agent; (2) the snapshot is published and
 ``live.json`` records the new tops and the frozen files, one barrier.
 
 Recovery asks QEMU which file it writes to: the new top means the switch
@@ -201,36 +201,28 @@ def _live_clone(ctx: StoreContext, src_id: str, dst_id: str, bdir: Path, qmp: Qm
 
 
 def _switch(qmp: Qmp, state: LiveState, bdir: Path, entries: list[dict[str, Any]]) -> float:
-    """Open the new tops in QEMU and switch onto all at once; how long the guest was held (ms).
+    """Switch QEMU onto the new tops, all at once; how long the guest was held (ms).
 
-    Without a guest agent the opens and the switch go to QEMU in one round
-    trip (QEMU runs them in order). With one, the guest's file systems are
-    frozen between the opens and the switch (and always thawed). On any
-    failure the new nodes are closed again and nothing has switched.
+    One ``transaction`` in which QEMU opens each new top (the file boxdisk
+    made: ``blockdev-snapshot-sync`` in ``mode: existing``, format given) and
+    installs it over the current top, for every disk or none. With a guest
+    agent, the guest's file systems are frozen around it (and always thawed).
     """
-    from boxdisk.live import (  # noqa: PLC0415 - QMP only where a box runs
-        add_and_switch,
-        frozen_guest,
-        remove_node,
-        switch_to_overlays,
-    )
+    from boxdisk.live import frozen_guest, remove_node, switch_to_existing  # noqa: PLC0415
 
     pairs = [(e["node"], e["overlay_node"], bdir / e["overlay"]) for e in entries]
     try:
         if not state.guest_agent:
             start = time.perf_counter()
-            add_and_switch(qmp, pairs)
+            switch_to_existing(qmp, pairs)
             return round((time.perf_counter() - start) * 1000, 3)
-        qmp.execute_all([("blockdev-add", {
-            "driver": "qcow2", "node-name": overlay,
-            "file": {"driver": "file", "filename": os.fspath(path)}, "backing": None})
-            for _node, overlay, path in pairs])
         with connect(state.guest_agent, agent=True) as agent:
             start = time.perf_counter()
             with frozen_guest(agent, timeout=FREEZE_TIMEOUT):
-                switch_to_overlays(qmp, [(node, overlay) for node, overlay, _ in pairs])
+                switch_to_existing(qmp, pairs)
             return round((time.perf_counter() - start) * 1000, 3)
     except BaseException:
+        # A failed transaction closes what it opened; a node left by an interruption goes.
         for _node, overlay, _path in pairs:
             with contextlib.suppress(LiveError):
                 remove_node(qmp, overlay)

@@ -32,6 +32,7 @@ from boxdisk.live import (
     node_file,
     remove_node,
     run_job,
+    switch_to_existing,
     switch_to_overlays,
     top_files,
 )
@@ -467,3 +468,26 @@ def test_a_job_that_fails_raises_with_qemus_error(tmp_path: Path, qemu: object) 
             vm.quit()
     finally:
         subprocess.run(["umount", os.fspath(small)], check=True)
+
+
+def test_qemu_opens_an_existing_overlay_and_switches_in_one_command(
+        tmp_path: Path, chain: dict[str, Path], qemu: object) -> None:
+    vm = Vm(tmp_path, {"d0": chain["top"], "d1": chain["guest"]})
+    try:
+        ov0 = _overlay(chain["top"], tmp_path / "top.1.qcow2")
+        before = ov0.read_bytes()
+        with pytest.raises(QmpCommandError):  # one file missing: neither switches
+            switch_to_existing(vm.qmp, [("d0", "x0", ov0),
+                                        ("d1", "x1", tmp_path / "missing.qcow2")])
+        assert vm.top_chain("d0")[0] == os.fspath(chain["top"])
+        assert "x0" not in {n["node-name"] for n in
+                            vm.qmp.execute("query-named-block-nodes", {"flat": True})}
+        ov1 = _overlay(chain["guest"], tmp_path / "guest.1.qcow2")
+        switch_to_existing(vm.qmp, [("d0", "x0", ov0), ("d1", "x1", ov1)])
+        assert ov0.read_bytes() == before  # QEMU opened it; it rewrote nothing
+        writes(vm, "d0", 0x3C, [(0, 4096)])
+        assert node_file(vm.top_chain("d0")[0]) == os.fspath(ov0)
+    finally:
+        vm.quit()
+    qemu.assert_clean(ov0)  # type: ignore[attr-defined]
+    assert qemu.info(ov0)["backing-filename"] == "top.qcow2"  # type: ignore[attr-defined]
