@@ -31,7 +31,7 @@ from boxdisk.qcow2 import BackingFormat, ImagePlan
 
 from ._fs import Durability, read_json
 from ._journal import Journal, Record
-from ._layout import CONTAINER_DISK, DISK_NAMES, Layout
+from ._layout import CONTAINER_DISK, DISK_NAMES, REMOVED_MARKER, Layout
 from ._locks import StoreLocks
 
 __all__ = [
@@ -236,7 +236,7 @@ class StoreContext:
     def snapshot_dir(self, box_id: str, name: str) -> Path:
         """An existing snapshot's directory (NotFoundError otherwise)."""
         sdir = self.layout.snapshot_dir(box_id, name)
-        if not sdir.is_dir():
+        if not sdir.is_dir() or (sdir / REMOVED_MARKER).exists():
             msg = f"box {box_id!r} has no snapshot {name!r}"
             raise NotFoundError(msg, path=sdir, field="snapshot", value=name)
         return sdir

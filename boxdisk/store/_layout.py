@@ -17,6 +17,7 @@
                                         tops a live snapshot gave new names (disk.OPID.qcow2)
       boxes/ID/snapshots/               made with the box
       boxes/ID/snapshots/NAME/          an immutable snapshot: the disks, snapshot.json
+      boxes/ID/snapshots/NAME/.removed  only that: removed while QEMU ran, kept till it stops
       clones/CID/                       an immutable clone base: the disks, clone.json
 
 Staging names start with ``.`` (box ids and snapshot names never do) and carry
@@ -39,6 +40,7 @@ __all__ = [
     "FORMAT_VERSION",
     "GUEST_DISK",
     "META_DIR",
+    "REMOVED_MARKER",
     "Layout",
     "key_hash",
 ]
@@ -53,6 +55,9 @@ DISK_NAMES = (CONTAINER_DISK, GUEST_DISK)
 BOX_META = "box.json"
 SNAPSHOT_META = "snapshot.json"
 CLONE_META = "clone.json"
+#: In a snapshot directory: the snapshot is removed, the directory kept until the box
+#: stops (a running QEMU names the images under it through the directory).
+REMOVED_MARKER = ".removed"
 BASE_META = "base.json"
 
 

@@ -23,15 +23,16 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from boxdisk._errors import DiskInUseError, LiveError, SnapshotInUseError
+from boxdisk._errors import LiveError, SnapshotInUseError
 from boxdisk._locks import image_in_use
 from boxdisk._log import get_logger
 from boxdisk.ops import rebase
 
 from ._core import StoreContext, box_key, ms
-from ._fs import remove_tree
+from ._fs import make_read_only, make_writable, remove_tree
 from ._journal import Record, crashpoint, new_opid
-from ._livestate import LiveState, connect, qemu_nodes, read_state, stage_state
+from ._layout import REMOVED_MARKER
+from ._livestate import LiveState, connect, qemu_nodes, read_state, stage_state, top_paths
 from ._queries import graph
 
 if TYPE_CHECKING:
@@ -67,14 +68,6 @@ def _plan(ctx: StoreContext, box_id: str, name: str, bdir: Path, qmp: Qmp,
             msg = f"snapshot {name!r} of box {box_id!r} is in use"
             raise SnapshotInUseError(msg, path=sdir, field="snapshot", value=name,
                                      dependents=tuple(sorted(deps)))
-        if entry is None:
-            # QEMU names every image under this one through the snapshot's directory
-            # (it resolves backing names from the name it opened each image by), so the
-            # directory must outlive this QEMU: only a stopped box can lose it.
-            msg = (f"refusing to remove snapshot {name!r} while box {box_id!r} runs: it was "
-                   f"taken before the box started, and the running QEMU names the images "
-                   f"under it through its directory; stop the box first")
-            raise DiskInUseError(msg, path=sdir, field="qmp", value=qmp.path)
         if len(deps) != 1:
             msg = (f"snapshot {name!r} of running box {box_id!r} has {len(deps)} images over "
                    f"it; a live merge takes one (the running chain's); stop the box first")
@@ -86,10 +79,21 @@ def _plan(ctx: StoreContext, box_id: str, name: str, bdir: Path, qmp: Qmp,
         # QEMU's nodes by the names the live state recorded (see _livestate): the frozen
         # file's, the one over it (a later frozen file, or the top), and under it a
         # frozen file's or, for a base or an older snapshot, the one found by its file.
-        frozen_node = entry["node"]
+        if entry is not None:
+            frozen_node: str | None = entry["node"]
+        else:  # the snapshot's own file, opened by QEMU through its header: a plain name
+            found_x = find_nodes(qmp, [frozen]).get(os.fspath(frozen))
+            frozen_node = None if found_x is None else found_x.name
         later = [f for f in state.frozen if f["disk"] == d
                  and os.path.realpath(bdir / f["file"]) == above]
-        above_node = later[0]["node"] if later else state.nodes.get(d)
+        top = top_paths(bdir, state).get(d)
+        if later:
+            above_node: str | None = later[0]["node"]
+        elif top is not None and os.path.realpath(top) == above and d in state.nodes:
+            above_node = state.nodes[d]
+        else:  # another snapshot's own file (or a top not recorded): found by its file
+            found_a = find_nodes(qmp, [Path(above)]).get(above)
+            above_node = None if found_a is None else found_a.name
         below = [f for f in state.frozen if f["disk"] == d and node.backing is not None
                  and os.path.realpath(bdir / f["file"]) == node.backing]
         if below:
@@ -154,7 +158,17 @@ def _finish(ctx: StoreContext, data: dict[str, Any], opid: str, qmp: Qmp | None)
                     if step["base_node"] is not None:
                         args |= {"base-node": step["base_node"],
                                  "backing-file": step["backing_name"]}
-                    run_job(qmp, "block-stream", args, job_id=job, timeout=STREAM_TIMEOUT)
+                    # QEMU reopens the image it streams into for writing: a sealed
+                    # snapshot file gets its write permission back for that long.
+                    sealed = not os.stat(above).st_mode & 0o200
+                    if sealed:
+                        make_writable(above)
+                    try:
+                        run_job(qmp, "block-stream", args, job_id=job,
+                                timeout=STREAM_TIMEOUT)
+                    finally:
+                        if sealed:
+                            make_read_only(above)
             # A node the monitor owns (-blockdev, or boxdisk's blockdev-add) stays open
             # after the stream until it is deleted; one only the chain held is gone.
             remove_node(qmp, step["frozen_node"])
@@ -165,10 +179,22 @@ def _finish(ctx: StoreContext, data: dict[str, Any], opid: str, qmp: Qmp | None)
         crashpoint("live_remove_snapshot", f"merged:{step['disk']}")
     sdir = lay.snapshot_dir(data["box"], data["name"])
     trash = lay.abs(data["trash"])
-    if os.path.lexists(sdir):
-        os.rename(sdir, trash)
-    crashpoint("live_remove_snapshot", "moved")
     state = read_state(bdir) or LiveState(qmp=data.get("qmp"))
+    removed = list(state.removed)
+    if any(not s["stub"] for s in data["steps"]):
+        # Its own files: QEMU names the images under them through this directory, so
+        # it stays, marked, holding nothing else, until the box is settled.
+        if os.path.isdir(sdir):
+            (sdir / REMOVED_MARKER).touch()
+            for entry in os.listdir(sdir):
+                if entry != REMOVED_MARKER:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(sdir / entry)
+        if data["name"] not in removed:
+            removed.append(data["name"])
+    elif os.path.lexists(sdir):
+        os.rename(sdir, trash)  # a stub's directory: QEMU never opened anything in it
+    crashpoint("live_remove_snapshot", "moved")
     gone = {s["frozen"] for s in data["steps"] if s["stub"]}
     for rel in gone:
         path = lay.abs(rel)
@@ -179,8 +205,9 @@ def _finish(ctx: StoreContext, data: dict[str, Any], opid: str, qmp: Qmp | None)
             os.unlink(path)
     frozen_left = [f for f in state.frozen if lay.rel(bdir / f["file"]) not in gone
                    or f.get("snapshot") != data["name"]]
-    paths = stage_state(bdir, attrs.evolve(state, frozen=frozen_left), opid)
-    ctx.barrier([*paths, sdir.parent, lay.trash])
+    paths = stage_state(bdir, attrs.evolve(state, frozen=frozen_left, removed=removed), opid)
+    ctx.barrier([*paths, sdir, sdir.parent, lay.trash] if os.path.isdir(sdir) else
+                [*paths, sdir.parent, lay.trash])
     remove_tree(trash)
 
 

@@ -14,6 +14,9 @@ other box reading it costs one failed open.
   snapshot's directory holds a stub until the box is settled: an empty qcow2
   over the frozen file, so that no header QEMU has open is ever rewritten.
 - ``nodes``: disk name -> the name of QEMU's node for its top.
+- ``removed``: snapshots removed while QEMU ran whose directories stay (holding
+  only ``.removed``) until it stops: QEMU names the images under them through
+  those directories.
 
 QEMU's node names are recorded because a node whose backing was given at run
 time (every new top, and every frozen file under one) is reported by QEMU not
@@ -67,21 +70,22 @@ class LiveState:
     tops: dict[str, list[Any]] = attrs.field(factory=dict)
     frozen: list[dict[str, Any]] = attrs.field(factory=list)
     nodes: dict[str, str] = attrs.field(factory=dict)
+    removed: list[str] = attrs.field(factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object ``live.json`` holds."""
         return {"qmp": self.qmp, "guest_agent": self.guest_agent, "tops": self.tops,
-                "frozen": self.frozen, "nodes": self.nodes}
+                "frozen": self.frozen, "nodes": self.nodes, "removed": self.removed}
 
     @property
     def empty(self) -> bool:
         """Nothing to record: the file goes."""
-        return self.qmp is None and not self.tops and not self.frozen
+        return self.qmp is None and self.settled
 
     @property
     def settled(self) -> bool:
         """The box has its usual layout (no live snapshot since it was last settled)."""
-        return not self.tops and not self.frozen
+        return not self.tops and not self.frozen and not self.removed
 
 
 def read_state(bdir: Path) -> LiveState | None:
@@ -95,7 +99,8 @@ def read_state(bdir: Path) -> LiveState | None:
         return LiveState(qmp=raw.get("qmp"), guest_agent=raw.get("guest_agent"),
                          tops=dict(raw.get("tops") or {}),
                          frozen=[dict(f) for f in raw.get("frozen") or []],
-                         nodes=dict(raw.get("nodes") or {}))
+                         nodes=dict(raw.get("nodes") or {}),
+                         removed=list(raw.get("removed") or []))
     except (AttributeError, TypeError, ValueError) as exc:
         msg = f"live state is malformed ({exc!r})"
         raise StoreError(msg, path=path, field=LIVE_META) from None

@@ -14,7 +14,7 @@ from boxdisk.qcow2 import read_header
 
 from ._core import StoreContext
 from ._journal import Record
-from ._layout import BOX_META, CONTAINER_DISK, DISK_NAMES, SNAPSHOT_META
+from ._layout import BOX_META, CONTAINER_DISK, DISK_NAMES, REMOVED_MARKER, SNAPSHOT_META
 from ._livestate import read_state, top_paths
 from ._values import Box, Snapshot
 
@@ -61,6 +61,11 @@ def _visible_dirs(directory: Path | str) -> list[str]:
         return []
 
 
+def snapshot_names(sroot: Path) -> list[str]:
+    """The snapshots in a box's ``snapshots/`` (not staging, not removed while running)."""
+    return [n for n in _visible_dirs(sroot) if not (sroot / n / REMOVED_MARKER).exists()]
+
+
 def list_boxes(ctx: StoreContext) -> list[str]:
     """The ids of every box, sorted."""
     return _visible_dirs(ctx.layout.boxes)
@@ -101,7 +106,7 @@ def box_value(ctx: StoreContext, box_id: str, bdir: Path,
 def snapshots(ctx: StoreContext, box_id: str, bdir: Path) -> list[Snapshot]:
     """The snapshots of a box, oldest first."""
     sroot = bdir / "snapshots"
-    snaps = [snapshot_value(ctx, box_id, sroot / n) for n in _visible_dirs(sroot)]
+    snaps = [snapshot_value(ctx, box_id, sroot / n) for n in snapshot_names(sroot)]
     return sorted(snaps, key=lambda s: (s.created, s.name))
 
 

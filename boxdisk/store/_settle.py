@@ -30,9 +30,10 @@ from boxdisk.qcow2 import read_header, rewrite_backing_reference
 
 from ._core import StoreContext, box_key
 from ._freeze import inode, moved_name
-from ._fs import make_read_only
+from ._fs import make_read_only, remove_tree
 from ._journal import Record, crashpoint, new_opid
-from ._livestate import LiveState, read_state, stage_state
+from ._layout import REMOVED_MARKER
+from ._livestate import LiveState, read_state, stage_state, top_paths
 
 __all__ = ["recover_settle", "settle"]
 
@@ -81,13 +82,16 @@ def settle(ctx: StoreContext, box_id: str, bdir: Path, state: LiveState) -> None
             ctx.barrier(stage_state(bdir, None, ""))
         return
     names = [e[0] for e in state.tops.values()] + [f["file"] for f in state.frozen]
-    # A stub in use (a clone's QEMU reads through it) must not be replaced under it either.
+    # A stub in use (a clone's QEMU reads through it) must not be replaced under it either;
+    # nor a removed snapshot's directory dropped while a QEMU runs the box's disks.
     stubs = [_target(ctx, box_id, f) for f in state.frozen]
-    if any(image_in_use(p) for p in [*(bdir / n for n in names), *stubs] if p.exists()):
+    held = [*(bdir / n for n in names), *stubs, *top_paths(bdir, state).values()]
+    if any(image_in_use(p) for p in held if p.exists()):
         return
     opid = new_opid()
     data = {"box": box_id, "qmp": state.qmp, "guest_agent": state.guest_agent,
-            "tops": state.tops, "steps": _plan(ctx, box_id, bdir, state)}
+            "tops": state.tops, "removed": state.removed,
+            "steps": _plan(ctx, box_id, bdir, state)}
     with ctx.intent("settle", (box_key(box_id),), data, opid) as record:
         crashpoint("settle", "recorded")
         ctx.barrier([*ctx.journal.durable_paths(record), *_forward(ctx, data, opid)])
@@ -124,8 +128,13 @@ def _forward(ctx: StoreContext, data: dict[str, Any], opid: str) -> list[Path]:
         with contextlib.suppress(FileNotFoundError):
             if inode(old) == step["inode"] and os.stat(old).st_nlink > 1:
                 os.unlink(old)  # the snapshot's name keeps the file
+    for name in data.get("removed", []):
+        sdir = lay.snapshot_dir(data["box"], name)
+        if (sdir / REMOVED_MARKER).exists():
+            remove_tree(sdir)  # QEMU named images through it; no QEMU runs the box now
     state = read_state(bdir) or LiveState()
-    return [*touched, *stage_state(bdir, attrs.evolve(state, tops={}, frozen=[]), opid)]
+    new = attrs.evolve(state, tops={}, frozen=[], removed=[])
+    return [*touched, *stage_state(bdir, new, opid)]
 
 
 def _rename_backing(image: Path, old: str | None, new: str | None) -> None:

@@ -20,6 +20,7 @@ from ._layout import (
     CLONE_META,
     CONTAINER_DISK,
     DISK_NAMES,
+    REMOVED_MARKER,
     SNAPSHOT_META,
 )
 from ._livestate import LIVE_META, read_state, top_paths
@@ -157,7 +158,8 @@ class Verifier:
             for field, disk in (("base", CONTAINER_DISK), ("guest_base", DISK_NAMES[1])):
                 self.check_descent(tops.get(disk, bdir / disk), meta.get(field), field)
         for sdir in sorted(p for p in lay.snapshots_dir(box_id).glob("*")
-                           if p.is_dir() and not p.name.startswith(".")):
+                           if p.is_dir() and not p.name.startswith(".")
+                           and not (p / REMOVED_MARKER).exists()):
             smeta = self._meta(sdir / SNAPSHOT_META, "snapshot")
             if smeta is not None and smeta.get("name") != sdir.name:
                 self.add(sdir / SNAPSHOT_META, "metadata",

@@ -23,6 +23,7 @@ from boxdisk import (
     DependentsExistError,
     DiskInUseError,
     LiveError,
+    NotFoundError,
     QmpCommandError,
     QmpConnectError,
     QmpProtocolError,
@@ -685,10 +686,16 @@ def test_a_live_merge_keeps_what_every_image_reads(tmp_path: Path, store: BoxSto
         store.remove_snapshot("vm1", "s1", merge=True)  # a stub's: streamed into s2's file
         assert store.box("vm1").snapshots == ("s0", "s2")
         assert len(_qemu_chain(vm, "d0")) == depth - 1
-        with pytest.raises(DiskInUseError, match="before the box started"):
-            # QEMU names the images under s0 through its directory: it must stay.
-            store.remove_snapshot("vm1", "s0", merge=True)
-        assert store.box("vm1").snapshots == ("s0", "s2")
+        store.remove_snapshot("vm1", "s0", merge=True)  # its own file, taken before QEMU ran
+        assert store.box("vm1").snapshots == ("s2",)
+        assert len(_qemu_chain(vm, "d0")) == depth - 2
+        # QEMU names the images under s0 through s0's directory: it stays until QEMU stops.
+        sdir = store.box("vm1").dir / "snapshots" / "s0"
+        assert sorted(os.listdir(sdir)) == [".removed"]
+        for name in _open_files(vm):
+            assert os.path.exists(name), name
+        with pytest.raises(NotFoundError):
+            store.snapshot_info("vm1", "s0")
         writes(vm, "d0", 0x55, [(4 * MIB, 64 * KIB)])
         vm.io("d0", "read -P 0x51 0 64k")
         vm.io("d0", "read -P 0x52 1M 64k")
@@ -708,6 +715,7 @@ def test_a_live_merge_keeps_what_every_image_reads(tmp_path: Path, store: BoxSto
         qemu.assert_clean(image)
     store.detach("vm1")
     _assert_no_live_leftovers(store, "vm1")
+    assert not sdir.exists()  # settled: QEMU has gone, the directory with it
     assert store.verify().ok, store.verify().problems
 
 
@@ -830,7 +838,8 @@ def test_no_file_qemu_has_open_is_ever_renamed_or_replaced(tmp_path: Path, store
                      lambda: store.export_box("vm1", tmp_path / "e.qcow2"),
                      lambda: store.snapshot("vm1", "s2"),
                      lambda: store.remove_snapshot("vm1", "s1", merge=True),
-                     lambda: store.remove_snapshot("vm1", "s2", merge=True)):
+                     lambda: store.remove_snapshot("vm1", "s2", merge=True),
+                     lambda: store.remove_snapshot("vm1", "s0", merge=True)):
             writes(vm, "d0", 0x33, [(0, 4 * KIB)])
             step()
             check()
@@ -888,4 +897,47 @@ def test_a_new_qemu_on_the_same_socket_is_found_by_the_files(tmp_path: Path, sto
     store.detach("vm2")
     assert_reads(qemu, store.snapshot_info("vm2", "s2").disk, 0x13, 0, 64 * KIB)
     assert_reads(qemu, store.box("vm2").disk, 0x14, MIB, 64 * KIB)
+    assert store.verify().ok, store.verify().problems
+
+
+def test_sigkill_removing_snapshots_taken_before_the_box_started(tmp_path: Path,
+                                                                store: BoxStore,
+                                                                qemu: Any) -> None:
+    """Their own files are in QEMU's chain: streamed by QEMU, their directories kept."""
+    disk = store.box("vm2").disk
+    for i in range(8):
+        write(qemu, disk, 0x70 + i, i * 64 * KIB, 64 * KIB)
+        store.snapshot("vm2", f"o{i}")
+    vm = _start(tmp_path, store, "vm2")
+    trace = tmp_path / "trace.txt"
+    try:
+        store.attach("vm2", vm.qmp_path)
+        proc = run_store(store.root, "remove_snapshot", "vm2", "o0", merge=True,
+                         env={TRACE_ENV: os.fspath(trace)})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        steps = [x for x in trace.read_text().split() if x.startswith("live_remove_snapshot:")]
+        for i, step in enumerate(steps, start=1):
+            proc = run_store(store.root, "remove_snapshot", "vm2", f"o{i}", merge=True,
+                             env={CRASH_ENV: step})
+            assert proc.returncode == -9, (step, proc.stdout, proc.stderr)
+            with BoxStore(store.root) as again:
+                assert f"o{i}" not in again.box("vm2").snapshots, step
+                report = again.verify()
+                assert report.ok, (step, report.problems)
+                for name in _open_files(vm):
+                    assert os.path.exists(name), (step, name)
+        writes(vm, "d0", 0x7F, [(MIB, 64 * KIB)])
+    finally:
+        vm.quit()
+    store.detach("vm2")
+    _assert_no_live_leftovers(store, "vm2")
+    assert not [n for n in os.listdir(store.box("vm2").dir / "snapshots")
+                if n not in store.box("vm2").snapshots]
+    for i in range(8):
+        assert_reads(qemu, store.box("vm2").disk, 0x70 + i, i * 64 * KIB, 64 * KIB)
+    assert_reads(qemu, store.box("vm2").disk, 0x7F, MIB, 64 * KIB)
+    for s in store.box("vm2").snapshots:
+        assert not os.stat(store.snapshot_info("vm2", s).disk).st_mode & 0o222
+    for image in store._images():
+        qemu.assert_clean(image)
     assert store.verify().ok, store.verify().problems
