@@ -32,7 +32,7 @@ from ._freeze import (
 )
 from ._fs import dump_json, fsync_dir, make_read_only, write_file
 from ._journal import Record, crashpoint, new_opid
-from ._layout import CONTAINER_DISK, DISK_NAMES, SNAPSHOT_META
+from ._layout import CONTAINER_DISK, DISK_NAMES, REMOVED_MARKER, SNAPSHOT_META
 from ._live import ensure_stopped, stopped
 from ._live_snapshot import live_snapshot
 from ._queries import files_bytes
@@ -53,14 +53,21 @@ log = get_logger(__name__)
 # -- one box's freeze into a snapshot ----------------------------------------------------------
 
 
+def _taken(box_id: str, name: str, final: Path) -> str:
+    if (final / REMOVED_MARKER).exists():
+        return (f"snapshot {name!r} of box {box_id!r} was removed while the box ran; its "
+                f"name is free again once the box has stopped")
+    return f"box {box_id!r} already has a snapshot {name!r}"
+
+
 def _plan(ctx: StoreContext, box_id: str, name: str, opid: str) -> dict[str, Any]:
     """Check that ``name`` is free and the disks are not in use; the journal entry for the box."""
     lay = ctx.layout
     bdir = ctx.box_dir(box_id)
     final = lay.snapshot_dir(box_id, name)
     if os.path.lexists(final):
-        msg = f"box {box_id!r} already has a snapshot {name!r}"
-        raise AlreadyExistsError(msg, path=final, field="snapshot", value=name)
+        raise AlreadyExistsError(_taken(box_id, name, final), path=final, field="snapshot",
+                                 value=name)
     ensure_stopped(ctx, box_id, bdir, "snapshot the box")
     disks = ctx.idle_disks(bdir, "snapshot the box")
     stage = lay.snapshots_dir(box_id) / f".stage-{opid}"
@@ -146,8 +153,8 @@ def snapshot(ctx: StoreContext, box_id: str, name: str) -> Snapshot:
         with stopped(ctx, box_id, bdir, "snapshot the box", live=True) as (qmp, state):
             if qmp is not None and state is not None:
                 if os.path.lexists(ctx.layout.snapshot_dir(box_id, name)):
-                    msg = f"box {box_id!r} already has a snapshot {name!r}"
-                    raise AlreadyExistsError(msg, path=ctx.layout.snapshot_dir(box_id, name),
+                    final = ctx.layout.snapshot_dir(box_id, name)
+                    raise AlreadyExistsError(_taken(box_id, name, final), path=final,
                                              field="snapshot", value=name)
                 data = live_snapshot(ctx, box_id, name, bdir, qmp, state, opid)
                 log.info("snapshot_taken", box=box_id, name=name, disks=len(data["disks"]),

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from boxdisk import (
+    AlreadyExistsError,
     DependentsExistError,
     DiskInUseError,
     LiveError,
@@ -696,6 +697,8 @@ def test_a_live_merge_keeps_what_every_image_reads(tmp_path: Path, store: BoxSto
             assert os.path.exists(name), name
         with pytest.raises(NotFoundError):
             store.snapshot_info("vm1", "s0")
+        with pytest.raises(AlreadyExistsError, match="free again once the box has stopped"):
+            store.snapshot("vm1", "s0")
         writes(vm, "d0", 0x55, [(4 * MIB, 64 * KIB)])
         vm.io("d0", "read -P 0x51 0 64k")
         vm.io("d0", "read -P 0x52 1M 64k")
