@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -311,47 +312,76 @@ def _steps(tmp_path: Path, qemu: Any) -> list[str]:
     return steps
 
 
-def test_sigkill_at_every_step_of_a_live_snapshot_is_recovered(
-        tmp_path: Path, store: BoxStore, qemu: Any) -> None:
-    steps = _steps(tmp_path, qemu)
-    vm = _start(tmp_path, store, "vm1")
+def _kill_at_every_step(tmp_path: Path, store: BoxStore, qemu: Any, box_id: str,
+                        prefixes: tuple[str, ...], op: str,
+                        args: Callable[[int], tuple[Any, ...]],
+                        check: Callable[[BoxStore, Vm, str, int], None],
+                        kwargs: dict[str, Any] | None = None,
+                        before: Callable[[BoxStore, Vm, int], None] | None = None) -> None:
+    """SIGKILL a live operation at each of its steps while QEMU runs; recover; check.
+
+    The steps come from one traced run. Before each crash the guest writes
+    ``0x10 + i``, after each recovery ``0x80 + i`` (elsewhere): every one of those
+    writes must read back at the end, and ``check(store, vm, step, i)`` holds
+    after each recovery, besides QEMU's top being the box's disk and verify().
+    """
+    vm = _start(tmp_path, store, box_id)
+    trace = tmp_path / "trace.txt"
     try:
-        store.attach("vm1", vm.qmp_path)
-        taken = 0
+        store.attach(box_id, vm.qmp_path)
+        if before is not None:
+            before(store, vm, -1)
+        proc = run_store(store.root, op, *args(-1), env={TRACE_ENV: os.fspath(trace)},
+                         **(kwargs or {}))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        steps = [x for x in trace.read_text().split() if x.split(":")[0] in prefixes]
+        assert len(steps) >= 3, steps
         for i, step in enumerate(steps):
-            name = f"s{i}"
             writes(vm, "d0", 0x10 + i, [(i * 64 * KIB, 64 * KIB)])
-            proc = run_store(store.root, "snapshot", "vm1", name, env={CRASH_ENV: step})
+            if before is not None:
+                before(store, vm, i)
+            proc = run_store(store.root, op, *args(i), env={CRASH_ENV: step},
+                             **(kwargs or {}))
             assert proc.returncode == -9, (step, proc.stdout, proc.stderr)
             with BoxStore(store.root) as again:  # opening recovers, asking QEMU
-                box = again.box("vm1")
-                chain = _qemu_chain(vm, "d0")
-                assert os.path.samefile(chain[0], box.disk), step
-                if guest := box.guest_disk:
-                    assert os.path.samefile(_qemu_chain(vm, "d1")[0], guest), step
-                switched = name in box.snapshots
-                past = steps.index(step) >= steps.index("live_snapshot:switched")
-                assert switched == past, step
-                taken += switched
-                # Each switch leaves QEMU two overlay nodes (its tops); an undone one, none.
-                nodes = [n["node-name"] for n in vm.qmp.execute("query-named-block-nodes",
-                                                                {"flat": True})]
-                assert sum(n.startswith("boxdisk-") for n in nodes) == 2 * taken, step
+                box = again.box(box_id)
+                assert os.path.samefile(_qemu_chain(vm, "d0")[0], box.disk), step
+                if box.guest_disk is not None:
+                    assert os.path.samefile(_qemu_chain(vm, "d1")[0], box.guest_disk), step
+                check(again, vm, step, i)
                 report = again.verify()
                 assert report.ok, (step, report.problems)
-            # The guest keeps writing after each recovery, and every write before stays.
             writes(vm, "d0", 0x80 + i, [(8 * MIB + i * 64 * KIB, 64 * KIB)])
     finally:
         vm.quit()
-    store.detach("vm1")
-    box = store.box("vm1")
+    store.detach(box_id)
+    disk = store.box(box_id).disk
     for i in range(len(steps)):
-        assert_reads(qemu, box.disk, 0x10 + i, i * 64 * KIB, 64 * KIB)
-        assert_reads(qemu, box.disk, 0x80 + i, 8 * MIB + i * 64 * KIB, 64 * KIB)
+        assert_reads(qemu, disk, 0x10 + i, i * 64 * KIB, 64 * KIB)
+        assert_reads(qemu, disk, 0x80 + i, 8 * MIB + i * 64 * KIB, 64 * KIB)
     for image in store._images():
         qemu.assert_clean(image)
     assert store.verify().ok, store.verify().problems
-    _assert_no_live_leftovers(store, "vm1")
+    _assert_no_live_leftovers(store, box_id)
+
+
+def test_sigkill_at_every_step_of_a_live_snapshot_is_recovered(
+        tmp_path: Path, store: BoxStore, qemu: Any) -> None:
+    taken = [1]  # the traced run's switch
+
+    def check(again: BoxStore, vm: Vm, step: str, i: int) -> None:
+        switched = f"s{i}" in again.box("vm1").snapshots
+        assert switched == (step in steps[steps.index("live_snapshot:switched"):]), step
+        taken[0] += switched
+        # Each switch leaves QEMU two overlay nodes (its tops); an undone one, none.
+        nodes = [n["node-name"] for n in vm.qmp.execute("query-named-block-nodes",
+                                                        {"flat": True})]
+        assert sum(n.startswith("boxdisk-") for n in nodes) == 2 * taken[0], step
+
+    steps = _steps(tmp_path, qemu)
+    _kill_at_every_step(tmp_path, store, qemu, "vm1", ("live_snapshot",), "snapshot",
+                        lambda i: ("vm1", f"s{i}"), check)
+
 
 
 def test_boxdisk_and_qemu_both_killed_after_the_switch(tmp_path: Path, store: BoxStore,
@@ -502,38 +532,15 @@ def test_settling_waits_while_a_clone_runs_on_the_stub(tmp_path: Path, store: Bo
 
 def test_sigkill_at_every_step_of_a_live_clone_is_recovered(tmp_path: Path, store: BoxStore,
                                                             qemu: Any) -> None:
-    vm = _start(tmp_path, store, "vm1")
-    trace = tmp_path / "trace.txt"
-    try:
-        store.attach("vm1", vm.qmp_path)
-        proc = run_store(store.root, "clone_box", "vm1", "traced",
-                         env={TRACE_ENV: os.fspath(trace)})
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        steps = [x for x in trace.read_text().split() if x.startswith("live_clone:")]
-        assert "live_clone:switched" in steps
-        for i, step in enumerate(steps):
-            writes(vm, "d0", 0x10 + i, [(i * 64 * KIB, 64 * KIB)])
-            proc = run_store(store.root, "clone_box", "vm1", f"c{i}", env={CRASH_ENV: step})
-            assert proc.returncode == -9, (step, proc.stdout, proc.stderr)
-            with BoxStore(store.root) as again:
-                past = steps.index(step) >= steps.index("live_clone:switched")
-                assert (f"c{i}" in again.list_boxes()) == past, step
-                assert os.path.samefile(_qemu_chain(vm, "d0")[0], again.box("vm1").disk)
-                report = again.verify()
-                assert report.ok, (step, report.problems)
-                if past:
-                    assert_reads(qemu, again.box(f"c{i}").disk, 0x10 + i, i * 64 * KIB,
-                                 64 * KIB)
-    finally:
-        vm.quit()
-    store.detach("vm1")
-    for image in store._images():
-        qemu.assert_clean(image)
-    assert store.verify().ok, store.verify().problems
-    _assert_no_live_leftovers(store, "vm1")
+    def check(again: BoxStore, vm: Vm, step: str, i: int) -> None:
+        steps = (tmp_path / "trace.txt").read_text().split()
+        past = steps.index(step) >= steps.index("live_clone:switched")
+        assert (f"c{i}" in again.list_boxes()) == past, step
+        if past:
+            assert_reads(qemu, again.box(f"c{i}").disk, 0x10 + i, i * 64 * KIB, 64 * KIB)
 
-
-# -- the live export ---------------------------------------------------------------------------
+    _kill_at_every_step(tmp_path, store, qemu, "vm1", ("live_clone",), "clone_box",
+                        lambda i: ("vm1", f"c{i}"), check)
 
 
 def test_a_live_export_is_the_guests_view_at_that_instant_and_the_chain_stays(
@@ -579,40 +586,13 @@ def test_a_live_export_is_the_guests_view_at_that_instant_and_the_chain_stays(
 
 def test_sigkill_at_every_step_of_a_live_export_is_recovered(tmp_path: Path, store: BoxStore,
                                                              qemu: Any) -> None:
-    vm = _start(tmp_path, store, "vm2")
-    trace = tmp_path / "trace.txt"
-    try:
-        store.attach("vm2", vm.qmp_path)
-        proc = run_store(store.root, "export_box", "vm2", os.fspath(tmp_path / "t.qcow2"),
-                         env={TRACE_ENV: os.fspath(trace)})
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        steps = [x for x in trace.read_text().split()
-                 if x.split(":")[0] in ("live_snapshot", "live_export")]
-        assert "live_export:hidden" in steps
-        for i, step in enumerate(steps):
-            writes(vm, "d0", 0x20 + i, [(i * 64 * KIB, 64 * KIB)])
-            dest = tmp_path / f"e{i}.qcow2"
-            proc = run_store(store.root, "export_box", "vm2", os.fspath(dest),
-                             env={CRASH_ENV: step})
-            assert proc.returncode == -9, (step, proc.stdout, proc.stderr)
-            with BoxStore(store.root) as again:
-                box = again.box("vm2")
-                assert os.path.samefile(_qemu_chain(vm, "d0")[0], box.disk), step
-                report = again.verify()
-                assert report.ok, (step, report.problems)
-                # Once the switch happened the export is merged back: no snapshot is left.
-                assert box.snapshots == (), step
-            writes(vm, "d0", 0x60 + i, [(8 * MIB + i * 64 * KIB, 64 * KIB)])
-    finally:
-        vm.quit()
-    store.detach("vm2")
-    box = store.box("vm2")
-    for i in range(len(steps)):
-        assert_reads(qemu, box.disk, 0x20 + i, i * 64 * KIB, 64 * KIB)
-        assert_reads(qemu, box.disk, 0x60 + i, 8 * MIB + i * 64 * KIB, 64 * KIB)
-    for image in store._images():
-        qemu.assert_clean(image)
-    assert store.verify().ok, store.verify().problems
+    def check(again: BoxStore, vm: Vm, step: str, i: int) -> None:
+        # Once the switch happened the export is merged back: no snapshot is left.
+        assert again.box("vm2").snapshots == (), step
+
+    _kill_at_every_step(tmp_path, store, qemu, "vm2", ("live_snapshot", "live_export"),
+                        "export_box", lambda i: ("vm2", os.fspath(tmp_path / f"e{i}.qcow2")),
+                        check)
 
 
 def test_qemu_gone_during_the_merge_back_is_finished_offline(tmp_path: Path, store: BoxStore,
@@ -724,38 +704,15 @@ def test_a_live_merge_keeps_what_every_image_reads(tmp_path: Path, store: BoxSto
 
 def test_sigkill_at_every_step_of_a_live_merge_is_recovered(tmp_path: Path, store: BoxStore,
                                                             qemu: Any) -> None:
-    vm = _start(tmp_path, store, "vm2")
-    trace = tmp_path / "trace.txt"
-    try:
-        store.attach("vm2", vm.qmp_path)
-        writes(vm, "d0", 0x40, [(0, 64 * KIB)])
-        store.snapshot("vm2", "t")
-        proc = run_store(store.root, "remove_snapshot", "vm2", "t", merge=True,
-                         env={TRACE_ENV: os.fspath(trace)})
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        steps = [x for x in trace.read_text().split() if x.startswith("live_remove_snapshot:")]
-        assert len(steps) >= 3, steps
-        for i, step in enumerate(steps):
-            writes(vm, "d0", 0x20 + i, [(MIB + i * 64 * KIB, 64 * KIB)])
-            store.snapshot("vm2", f"m{i}")
-            proc = run_store(store.root, "remove_snapshot", "vm2", f"m{i}", merge=True,
-                             env={CRASH_ENV: step})
-            assert proc.returncode == -9, (step, proc.stdout, proc.stderr)
-            with BoxStore(store.root) as again:  # the merge is finished
-                assert f"m{i}" not in again.box("vm2").snapshots, step
-                assert os.path.samefile(_qemu_chain(vm, "d0")[0], again.box("vm2").disk)
-                report = again.verify()
-                assert report.ok, (step, report.problems)
-    finally:
-        vm.quit()
-    box = store.box("vm2")
-    assert_reads(qemu, box.disk, 0x40, 0, 64 * KIB)
-    for i in range(len(steps)):
-        assert_reads(qemu, box.disk, 0x20 + i, MIB + i * 64 * KIB, 64 * KIB)
-    for image in store._images():
-        qemu.assert_clean(image)
-    store.detach("vm2")
-    assert store.verify().ok, store.verify().problems
+    def take(again: BoxStore, vm: Vm, i: int) -> None:
+        again.snapshot("vm2", f"m{i}")  # a live snapshot to merge away
+
+    def check(again: BoxStore, vm: Vm, step: str, i: int) -> None:
+        assert f"m{i}" not in again.box("vm2").snapshots, step  # the merge is finished
+
+    _kill_at_every_step(tmp_path, store, qemu, "vm2", ("live_remove_snapshot",),
+                        "remove_snapshot", lambda i: ("vm2", f"m{i}"), check,
+                        kwargs={"merge": True}, before=take)
 
 
 def test_qemu_gone_during_a_live_merge_is_finished_offline(tmp_path: Path, store: BoxStore,
