@@ -25,7 +25,15 @@ from boxdisk._log import get_logger
 from ._core import StoreContext, box_key, ms
 from ._journal import new_opid
 from ._layout import DISK_NAMES
-from ._livestate import LiveState, check_serves, connect, read_state, stage_state, top_paths
+from ._livestate import (
+    LiveState,
+    check_serves,
+    connect,
+    lending,
+    read_state,
+    stage_state,
+    top_paths,
+)
 from ._settle import settle
 
 if TYPE_CHECKING:
@@ -94,7 +102,7 @@ def stopped(ctx: StoreContext, box_id: str, bdir: Path, action: str, *,
             state = attrs.evolve(state, qmp=None, guest_agent=None)
             ctx.barrier(stage_state(bdir, state, new_opid()))
         else:
-            with q:
+            with q, lending(q):
                 if not live:
                     top = top_paths(bdir, state)[DISK_NAMES[0]]
                     msg = (f"refusing to {action}: the box is running (attached to QEMU at "

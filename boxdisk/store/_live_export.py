@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from boxdisk._errors import LiveError
 from boxdisk._log import get_logger
 from boxdisk.chain import open_chain
 from boxdisk.ops import Progress, commit, flatten
@@ -34,7 +33,7 @@ from ._fs import remove_tree
 from ._journal import Record, crashpoint, new_opid
 from ._layout import CONTAINER_DISK, DISK_NAMES
 from ._live_snapshot import live_snapshot, recover_live_snapshot
-from ._livestate import LiveState, connect, qemu_nodes, read_state, stage_state
+from ._livestate import LiveState, qemu_nodes, reach, read_state, stage_state
 
 if TYPE_CHECKING:
     from boxdisk.live import Qmp
@@ -167,17 +166,9 @@ def recover_live_snapshot_or_export(ctx: StoreContext, record: Record) -> None:
 
 
 def _merge_back(ctx: StoreContext, data: dict[str, Any], record: Record) -> None:
-    qmp: Qmp | None
-    try:
-        qmp = connect(data["qmp"]) if data.get("qmp") else None
-    except LiveError:
-        qmp = None
-    try:
+    with reach(data.get("qmp")) as qmp:
         _hide(ctx, data, record)
         _merge(ctx, data, record.opid, qmp, None)
-    finally:
-        if qmp is not None:
-            qmp.close()
 
 
 def log_export(box_id: str, name: str, dest: Path, written: int, kept: bool,

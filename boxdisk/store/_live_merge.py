@@ -32,7 +32,7 @@ from ._core import StoreContext, box_key, ms
 from ._fs import make_read_only, make_writable, remove_tree
 from ._journal import Record, crashpoint, new_opid
 from ._layout import REMOVED_MARKER
-from ._livestate import LiveState, connect, qemu_nodes, read_state, stage_state, top_paths
+from ._livestate import LiveState, qemu_nodes, reach, read_state, stage_state, top_paths
 from ._queries import graph
 
 if TYPE_CHECKING:
@@ -225,13 +225,5 @@ def _backs_onto(image: Path, target: Path) -> bool:
 
 def recover_live_remove_snapshot(ctx: StoreContext, record: Record) -> None:
     """Finish the merge (QEMU's job, or offline when QEMU is gone), then the removal."""
-    qmp: Qmp | None
-    try:
-        qmp = connect(record.data["qmp"]) if record.data.get("qmp") else None
-    except LiveError:
-        qmp = None
-    try:
+    with reach(record.data.get("qmp")) as qmp:
         _finish(ctx, record.data, record.opid, qmp)
-    finally:
-        if qmp is not None:
-            qmp.close()

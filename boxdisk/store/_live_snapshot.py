@@ -48,6 +48,7 @@ from ._livestate import (
     check_serves,
     connect,
     qemu_nodes,
+    reach,
     read_state,
     stage_state,
     top_paths,
@@ -260,19 +261,16 @@ def _forward(ctx: StoreContext, data: dict[str, Any], opid: str) -> list[Path]:
     return [*paths, *stage_state(bdir, new, opid)]
 
 
-def _ask_qemu(data: dict[str, Any], bdir: Path) -> tuple[bool | None, Qmp | None]:
-    """Whether the box's QEMU writes to the new tops (None: no QEMU answers), and its connection."""
+def _ask_qemu(qmp: Qmp | None, data: dict[str, Any]) -> bool | None:
+    """Whether the box's QEMU writes to the new tops (None: no QEMU answers)."""
+    if qmp is None:
+        return None
     try:
-        q = connect(data["qmp"])
+        writable = qemu_nodes(qmp)
     except LiveError:
-        return None, None
-    try:
-        writable = qemu_nodes(q)
-    except LiveError:
-        q.close()
-        return None, None
+        return None
     # The new tops' node names are boxdisk's own (they carry the operation's id).
-    return any(writable.get(e["overlay_node"]) for e in data["disks"]), q
+    return any(writable.get(e["overlay_node"]) for e in data["disks"])
 
 
 def _grown(path: Path, file_size: int) -> bool:
@@ -285,28 +283,25 @@ def _grown(path: Path, file_size: int) -> bool:
 
 def recover_live_snapshot(ctx: StoreContext, record: Record) -> None:
     """Finish a live snapshot (or clone) QEMU had switched to; otherwise undo it."""
+    from boxdisk.live import remove_node  # noqa: PLC0415
+
     data = record.data
     lay = ctx.layout
     bdir = lay.box_dir(data["box"])
     published = os.path.lexists(lay.abs(data["final"]))
-    switched, q = _ask_qemu(data, bdir)
-    try:
+    with reach(data.get("qmp")) as qmp:
+        switched = _ask_qemu(qmp, data)
         if switched is None:
             switched = any(_grown(bdir / e["overlay"], e["file_size"]) for e in data["disks"])
         if switched or published:
             ctx.barrier(_forward(ctx, data, record.opid))
             return
-        if q is not None:
-            from boxdisk.live import remove_node  # noqa: PLC0415
-
+        if qmp is not None:
             for e in data["disks"]:
-                remove_node(q, e["overlay_node"])
-        for e in data["disks"]:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(bdir / e["overlay"])
-        remove_tree(lay.abs(data["stage"]))
-        if data["kind"] == "clone":
-            remove_tree(lay.abs(data["dst_stage"]))
-    finally:
-        if q is not None:
-            q.close()
+                remove_node(qmp, e["overlay_node"])
+    for e in data["disks"]:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(bdir / e["overlay"])
+    remove_tree(lay.abs(data["stage"]))
+    if data["kind"] == "clone":
+        remove_tree(lay.abs(data["dst_stage"]))

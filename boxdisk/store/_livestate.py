@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +51,9 @@ __all__ = [
     "LiveState",
     "check_serves",
     "connect",
+    "lending",
     "qemu_nodes",
+    "reach",
     "read_state",
     "stage_state",
     "top_paths",
@@ -141,6 +145,45 @@ def connect(path: str, *, agent: bool = False) -> Qmp:
     from boxdisk.live import Qmp  # noqa: PLC0415 - QMP only where a box runs
 
     return Qmp(path, timeout=CONNECT_TIMEOUT, agent=agent)
+
+
+_lent = threading.local()
+
+
+@contextlib.contextmanager
+def lending(qmp: Qmp) -> Iterator[None]:
+    """Make this thread's open connection the one :func:`reach` returns for its socket.
+
+    QEMU serves one client per QMP socket: recovery that runs inside a failing
+    operation (which holds the connection) must use that connection, not wait
+    for a second one.
+    """
+    conns: dict[str, Qmp] = _lent.__dict__.setdefault("conns", {})
+    conns[qmp.path] = qmp
+    try:
+        yield
+    finally:
+        conns.pop(qmp.path, None)
+
+
+@contextlib.contextmanager
+def reach(path: str | None) -> Iterator[Qmp | None]:
+    """The QEMU at ``path`` for recovery: the connection lent by this thread, a new one
+    (closed after), or None when no QEMU answers."""
+    if path is None:
+        yield None
+        return
+    lent = getattr(_lent, "conns", {}).get(path)
+    if lent is not None:
+        yield lent
+        return
+    try:
+        qmp = connect(path)
+    except LiveError:
+        yield None
+        return
+    with qmp:
+        yield qmp
 
 
 def qemu_nodes(qmp: Qmp) -> dict[str, bool]:
