@@ -212,13 +212,15 @@ def test_a_running_box_refuses_what_needs_it_stopped(tmp_path: Path, store: BoxS
     try:
         store.attach("vm1", vm.qmp_path)
         for call in (lambda: store.restore("vm1", "s0"),
-                     lambda: store.remove_box("vm1")):
+                     lambda: store.remove_box("vm1"),
+                     lambda: store.snapshot_boxes(["vm1", "vm2"], "b1")):
             with pytest.raises(DiskInUseError, match="running"):
                 call()
         # A snapshot's files are immutable: exporting one is fine while the box runs.
         store.export_box("vm1", tmp_path / "s0.qcow2", snapshot="s0")
         qemu.assert_clean(tmp_path / "s0.qcow2")
         assert store.list_boxes() == ["vm1", "vm2"]
+        assert store.box("vm2").snapshots == ()  # the batch was all or nothing
     finally:
         vm.quit()
 
