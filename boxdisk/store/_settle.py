@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,9 @@ from boxdisk.qcow2 import read_header, rewrite_backing_reference
 
 from ._core import StoreContext, box_key
 from ._freeze import inode, moved_name
-from ._fs import make_read_only, remove_tree
+from ._fs import dump_json, make_read_only, remove_tree, write_file
 from ._journal import Record, crashpoint, new_opid
-from ._layout import REMOVED_MARKER
+from ._layout import CLONE_META, REMOVED_MARKER
 from ._livestate import LiveState, read_state, stage_state, top_paths
 
 __all__ = ["recover_settle", "settle"]
@@ -66,7 +67,7 @@ def _plan(ctx: StoreContext, box_id: str, bdir: Path, state: LiveState) -> list[
             "disk": f["disk"], "file": f["file"], "inode": f["inode"],
             "target": lay.rel(target), "old": old,
             "new": moved_name(old, bdir, target.parent), "above": above,
-            "above_new": os.path.relpath(target, bdir),
+            "above_new": os.path.relpath(target, bdir), "clone": f.get("clone"),
         })
     return steps
 
@@ -105,6 +106,9 @@ def _forward(ctx: StoreContext, data: dict[str, Any], opid: str) -> list[Path]:
     touched: list[Path] = [bdir]
     for step in data["steps"]:
         target = lay.abs(step["target"])
+        if step.get("clone") and not target.parent.is_dir():
+            _recreate_clone_base(data, target.parent)
+            touched += [target.parent / CLONE_META, lay.clones]
         if inode(target) != step["inode"]:
             tmp = target.parent / f".{step['disk']}.{opid}.settle"
             if not os.path.lexists(tmp):
@@ -135,6 +139,18 @@ def _forward(ctx: StoreContext, data: dict[str, Any], opid: str) -> list[Path]:
     state = read_state(bdir) or LiveState()
     new = attrs.evolve(state, tops={}, frozen=[], removed=[])
     return [*touched, *stage_state(bdir, new, opid)]
+
+
+def _recreate_clone_base(data: dict[str, Any], cdir: Path) -> None:
+    """A live clone's base whose clone went (removed with its clone) while the source was
+    not settled: the source's own chain still needs the frozen file, so the base comes
+    back, as the source's alone (an offline clone's base is the source's too)."""
+    cdir.mkdir(exist_ok=True)
+    disks = [s["disk"] for s in data["steps"] if s.get("clone") == cdir.name]
+    with contextlib.suppress(FileExistsError):
+        write_file(cdir / CLONE_META, dump_json({
+            "source": data["box"], "dest": None, "created": time.time(), "disks": disks,
+            "recreated": True}))
 
 
 def _rename_backing(image: Path, old: str | None, new: str | None) -> None:

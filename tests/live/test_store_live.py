@@ -903,3 +903,33 @@ def test_sigkill_removing_snapshots_taken_before_the_box_started(tmp_path: Path,
     for image in store._images():
         qemu.assert_clean(image)
     assert store.verify().ok, store.verify().problems
+
+
+def test_a_live_clone_removed_before_its_source_settles(tmp_path: Path, store: BoxStore,
+                                                       qemu: Any) -> None:
+    """The clone goes with its base, but the source's chain still runs through the frozen
+    file: settling brings the base back, as the source's own."""
+    vm = _start(tmp_path, store, "vm1")
+    try:
+        store.attach("vm1", vm.qmp_path)
+        writes(vm, "d0", 0xA7, [(0, 64 * KIB)])
+        store.clone_box("vm1", "vm3")
+        store.remove_box("vm3")  # takes the clone base (only vm3 needed the stubs)
+        writes(vm, "d0", 0xA8, [(MIB, 64 * KIB)])
+        vm.io("d0", "flush")
+    finally:
+        vm.quit()
+    clones = store.root / "clones"
+    assert os.listdir(clones) == []  # gone with vm3
+    store.detach("vm1")
+    _assert_no_live_leftovers(store, "vm1")
+    [cid] = os.listdir(clones)
+    assert json.loads((clones / cid / "clone.json").read_text())["recreated"] is True
+    assert_reads(qemu, store.box("vm1").disk, 0xA7, 0, 64 * KIB)
+    assert_reads(qemu, store.box("vm1").disk, 0xA8, MIB, 64 * KIB)
+    for image in store._images():
+        qemu.assert_clean(image)
+    assert store.verify().ok, store.verify().problems
+    store.remove_box("vm1")  # and its base goes with it: nothing else needs it
+    assert os.listdir(clones) == []
+    assert store.verify().ok, store.verify().problems
