@@ -110,7 +110,14 @@ def stopped(ctx: StoreContext, box_id: str, bdir: Path, action: str, *,
                     raise DiskInUseError(msg, path=top, field="qmp", value=state.qmp)
                 yield q, state
             return
-    settle(ctx, box_id, bdir, state)
+    held = settle(ctx, box_id, bdir, state)
+    if held is not None:
+        # The rest of the store knows only the usual layout: until the box can be
+        # settled, nothing else may change it.
+        msg = (f"refusing to {action}: a live snapshot or clone left the box in its live "
+               f"layout, and another process (a clone's QEMU?) still holds {held.name}; "
+               f"the box is settled once nothing holds it")
+        raise DiskInUseError(msg, path=held, field="lock")
     yield None, None
 
 

@@ -72,23 +72,25 @@ def _plan(ctx: StoreContext, box_id: str, bdir: Path, state: LiveState) -> list[
     return steps
 
 
-def settle(ctx: StoreContext, box_id: str, bdir: Path, state: LiveState) -> None:
+def settle(ctx: StoreContext, box_id: str, bdir: Path, state: LiveState) -> Path | None:
     """Give a box that no QEMU runs its usual layout again (under the box's lock).
 
     Does nothing while something still holds the box's files (a later
-    operation settles it then).
+    operation settles it then), and returns the file that is held; None once
+    the box has its usual layout.
     """
     if state.settled:
         if state.empty:
             ctx.barrier(stage_state(bdir, None, ""))
-        return
-    names = [e[0] for e in state.tops.values()] + [f["file"] for f in state.frozen]
+        return None
+    names = [str(e[0]) for e in state.tops.values()] + [str(f["file"]) for f in state.frozen]
     # A stub in use (a clone's QEMU reads through it) must not be replaced under it either;
     # nor a removed snapshot's directory dropped while a QEMU runs the box's disks.
     stubs = [_target(ctx, box_id, f) for f in state.frozen]
-    held = [*(bdir / n for n in names), *stubs, *top_paths(bdir, state).values()]
-    if any(image_in_use(p) for p in held if p.exists()):
-        return
+    held: list[Path] = [*(bdir / n for n in names), *stubs, *top_paths(bdir, state).values()]
+    for p in held:
+        if p.exists() and image_in_use(p):
+            return p
     opid = new_opid()
     data = {"box": box_id, "qmp": state.qmp, "guest_agent": state.guest_agent,
             "tops": state.tops, "removed": state.removed,
@@ -97,6 +99,7 @@ def settle(ctx: StoreContext, box_id: str, bdir: Path, state: LiveState) -> None
         crashpoint("settle", "recorded")
         ctx.barrier([*ctx.journal.durable_paths(record), *_forward(ctx, data, opid)])
     log.info("box_settled", box=box_id, snapshots=len(state.frozen))
+    return None
 
 
 def _forward(ctx: StoreContext, data: dict[str, Any], opid: str) -> list[Path]:
