@@ -26,7 +26,7 @@ RECOVERY: dict[str, Handler] = {
     "snapshot_boxes": _snapshots.recover_snapshot_boxes,
     "restore": _snapshots.recover_restore,
     "clone_box": _clones.recover_clone,
-    "live_snapshot": _live_export.recover_live_snapshot_or_export,
+    "live_snapshot": _live_snapshot.recover_live_snapshot,
     "live_clone": _live_snapshot.recover_live_snapshot,
     "live_export": _live_export.recover_live_export,
     "live_remove_snapshot": _live_merge.recover_live_remove_snapshot,

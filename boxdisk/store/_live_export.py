@@ -32,13 +32,13 @@ from ._freeze import inode
 from ._fs import remove_tree
 from ._journal import Record, crashpoint, new_opid
 from ._layout import CONTAINER_DISK, DISK_NAMES
-from ._live_snapshot import live_snapshot, recover_live_snapshot
+from ._live_snapshot import live_snapshot
 from ._livestate import LiveState, qemu_nodes, reach, read_state, stage_state
 
 if TYPE_CHECKING:
     from boxdisk.live import Qmp
 
-__all__ = ["live_export", "log_export", "recover_live_export", "recover_live_snapshot_or_export"]
+__all__ = ["live_export", "log_export", "recover_live_export"]
 
 log = get_logger(__name__)
 
@@ -52,39 +52,48 @@ def live_export(ctx: StoreContext, box_id: str, bdir: Path, qmp: Qmp, state: Liv
     """Export the live disk of a running box (its lock held); (snapshot name, bytes written).
 
     The lock is held throughout: the export's snapshot must not change under
-    the copy, and the merge must find the chain as it left it. After the live
-    snapshot, the copy and the merge are one journaled step (``live_export``):
-    after a crash anywhere in them, recovery merges back (unless the snapshot
-    was to be kept), so no export leaves a snapshot nobody asked for.
+    the copy, and the merge must find the chain as it left it. The whole
+    export is one journaled operation (``live_export``) around the live
+    snapshot's own: after a crash anywhere, recovery finishes or undoes the
+    snapshot, then merges it back (unless it was to be kept), so an export
+    never leaves a snapshot nobody asked for.
     """
     lay = ctx.layout
-    opid = new_opid()
-    name = f"export-{opid}"
-    trash = lay.rel(lay.trash / opid)
-    # A crash before the copy begins is merged back by the snapshot's recovery (below).
-    snap = live_snapshot(ctx, box_id, name, bdir, qmp, state, opid,
-                         extra={"export": {"keep": keep_snapshot, "trash": trash}})
-    data = _plan(snap, keep=keep_snapshot, trash=trash)
+    opid, snap_opid = new_opid(), new_opid()
+    name = f"export-{snap_opid}"
+    data = {"box": box_id, "name": name, "keep": keep_snapshot, "qmp": state.qmp,
+            "trash": lay.rel(lay.trash / opid), "snapshot_opid": snap_opid}
     disk = DISK_NAMES[1] if guest else CONTAINER_DISK
     with ctx.intent("live_export", (box_key(box_id),), data, opid) as record:
         crashpoint("live_export", "recorded")
+        live_snapshot(ctx, box_id, name, bdir, qmp, state, snap_opid)
+        crashpoint("live_export", "snapshotted")
         with open_chain(lay.snapshot_dir(box_id, name) / disk,
                         allowed_roots=ctx.roots) as chain:
             written = flatten(chain, dest, overwrite=overwrite, progress=progress)
         crashpoint("live_export", "flattened")
         if not keep_snapshot:
+            plan = _disks(bdir, name)
             _hide(ctx, data, record)
-            _merge(ctx, data, record.opid, qmp, progress)
+            _merge(ctx, {**data, "disks": plan}, record.opid, qmp, progress)
             crashpoint("live_export", "merged")
     return name, written
 
 
-def _plan(snap: dict[str, Any], *, keep: bool, trash: str) -> dict[str, Any]:
-    """The ``live_export`` record's data, from the live snapshot's."""
-    return {"box": snap["box"], "name": snap["name"], "keep": keep, "qmp": snap["qmp"],
-            "trash": trash,
-            "disks": [{k: e[k] for k in ("disk", "top", "overlay", "node", "overlay_node")}
-                      for e in snap["disks"]]}
+def _disks(bdir: Path, name: str) -> list[dict[str, Any]]:
+    """What merging back the export's snapshot ``name`` takes, from the live state.
+
+    The export holds the box's lock from its snapshot to its merge, so the
+    box's tops are that snapshot's new tops and its frozen files are the last.
+    """
+    state = read_state(bdir) or LiveState()
+    out = []
+    for f in state.frozen:
+        if f.get("snapshot") == name:
+            d = f["disk"]
+            out.append({"disk": d, "top": f["file"], "node": f["node"],
+                        "overlay": state.tops[d][0], "overlay_node": state.nodes[d]})
+    return out
 
 
 def _hide(ctx: StoreContext, data: dict[str, Any], record: Record) -> None:
@@ -148,27 +157,25 @@ def _finish_or_start(qmp: Qmp, job: str, e: dict[str, Any], progress: Progress |
 
 
 def recover_live_export(ctx: StoreContext, record: Record) -> None:
-    """An interrupted live export is merged back (the copy is abandoned), unless kept."""
+    """Finish (or undo) the export's snapshot first, then merge it back unless it was kept.
+
+    The copy is abandoned (flatten leaves at most its own temporary file).
+    """
     data = record.data
-    if data.get("keep"):
-        return  # the snapshot stays; the copy left at most a temporary file of flatten's
-    _merge_back(ctx, data, record)
-
-
-def recover_live_snapshot_or_export(ctx: StoreContext, record: Record) -> None:
-    """A live snapshot's recovery; for an export's snapshot that was finished, the merge too."""
-    recover_live_snapshot(ctx, record)
-    plan = record.data.get("export")
     lay = ctx.layout
-    if plan and not plan["keep"] and os.path.lexists(
-            lay.snapshot_dir(record.data["box"], record.data["name"])):
-        _merge_back(ctx, _plan(record.data, keep=False, trash=plan["trash"]), record)
-
-
-def _merge_back(ctx: StoreContext, data: dict[str, Any], record: Record) -> None:
+    bdir = lay.box_dir(data["box"])
+    for name in ctx.journal.touching((box_key(data["box"]),), skip=record.path.name):
+        inner = ctx.journal.load(name)
+        if inner is not None and inner.opid == data["snapshot_opid"]:
+            ctx.recoverer.recover(inner)  # the live snapshot, finished or undone
+    if data.get("keep"):
+        return
+    plan = _disks(bdir, data["name"])
+    if not plan:
+        return  # the snapshot was undone: nothing to merge
     with reach(data.get("qmp")) as qmp:
         _hide(ctx, data, record)
-        _merge(ctx, data, record.opid, qmp, None)
+        _merge(ctx, {**data, "disks": plan}, record.opid, qmp, None)
 
 
 def log_export(box_id: str, name: str, dest: Path, written: int, kept: bool,
