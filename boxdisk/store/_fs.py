@@ -43,6 +43,7 @@ __all__ = [
     "observers",
     "read_json",
     "remove_tree",
+    "replace_file",
     "write_file",
 ]
 
@@ -224,6 +225,19 @@ def link_new_file(path: Path, data: bytes | tuple[tuple[int, bytes], ...],
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         os.close(fd)
+
+
+def replace_file(path: Path, tmp: Path, data: bytes) -> None:
+    """Replace ``path`` with a file holding ``data``, whole or not at all; not synced.
+
+    The bytes are linked complete under the hidden name ``tmp`` (a leftover of
+    an earlier try is dropped first) and renamed over ``path``, so a reader
+    sees the old file or the new one, never a part.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    link_new_file(tmp, data)
+    os.replace(tmp, path)
 
 
 def dump_json(value: Any) -> bytes:

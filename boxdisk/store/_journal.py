@@ -37,7 +37,7 @@ import attrs
 from boxdisk._errors import StoreError
 from boxdisk._log import get_logger
 
-from ._fs import dump_json, link_new_file, read_json
+from ._fs import dump_json, link_new_file, read_json, replace_file
 from ._layout import Layout, key_hash
 
 __all__ = ["CRASH_ENV", "TRACE_ENV", "Journal", "Record", "crashpoint", "new_opid"]
@@ -123,11 +123,7 @@ class Journal:
         """
         body = json.loads(record.path.read_bytes())
         body["data"] = data
-        tmp = self._dir / f".{record.opid}.rewrite"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        link_new_file(tmp, dump_json(body))
-        os.replace(tmp, record.path)
+        replace_file(record.path, self._dir / f".{record.opid}.rewrite", dump_json(body))
 
     def finish(self, record: Record) -> None:
         """Forget a record whose operation is complete (or undone).
