@@ -10,9 +10,10 @@ import logging
 
 from ._block import (
     BlockNode,
+    Listing,
     add_and_switch,
     add_overlay,
-    close_nodes,
+    block_nodes,
     find_nodes,
     frozen_guest,
     node_file,
@@ -22,6 +23,7 @@ from ._block import (
     switch_to_overlays,
     top_files,
     wait_job,
+    writable_nodes,
 )
 from ._qmp import DEFAULT_TIMEOUT, Qmp
 
@@ -32,10 +34,11 @@ logging.getLogger("qemu.qmp").addHandler(logging.NullHandler())
 __all__ = [
     "DEFAULT_TIMEOUT",
     "BlockNode",
+    "Listing",
     "Qmp",
     "add_and_switch",
     "add_overlay",
-    "close_nodes",
+    "block_nodes",
     "find_nodes",
     "frozen_guest",
     "node_file",
@@ -45,4 +48,5 @@ __all__ = [
     "switch_to_overlays",
     "top_files",
     "wait_job",
+    "writable_nodes",
 ]

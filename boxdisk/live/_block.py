@@ -11,7 +11,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -23,9 +23,10 @@ from ._qmp import Qmp
 
 __all__ = [
     "BlockNode",
+    "Listing",
     "add_and_switch",
     "add_overlay",
-    "close_nodes",
+    "block_nodes",
     "find_nodes",
     "frozen_guest",
     "node_file",
@@ -34,6 +35,7 @@ __all__ = [
     "switch_to_overlays",
     "top_files",
     "wait_job",
+    "writable_nodes",
 ]
 
 log = get_logger(__name__)
@@ -83,7 +85,33 @@ def node_file(filename: str) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def find_nodes(qmp: Qmp, files: Sequence[str | os.PathLike[str]]) -> dict[str, BlockNode]:
+#: Drivers of protocol nodes (the file under a format node), not images themselves.
+_PROTOCOL_DRIVERS = ("file", "host_device", "host_cdrom")
+
+#: One answer of ``query-named-block-nodes`` (flat), to ask several questions of.
+Listing = list[dict[str, Any]]
+
+
+def block_nodes(qmp: Qmp) -> Listing:
+    """QEMU's format nodes now (``query-named-block-nodes``, flat; protocol nodes left out).
+
+    Pass the result as ``listing`` to :func:`find_nodes` and :func:`writable_nodes`
+    to ask several questions of one answer: QEMU's answer grows with the square
+    of a chain's depth.
+    """
+    return [dict(n) for n in qmp.execute("query-named-block-nodes", {"flat": True})
+            if n.get("drv") not in (*_PROTOCOL_DRIVERS, None)
+            and isinstance(n.get("node-name"), str)]
+
+
+def writable_nodes(qmp: Qmp, listing: Listing | None = None) -> dict[str, bool]:
+    """Every format node QEMU has: name -> whether it is writable."""
+    return {str(n["node-name"]): not n.get("ro")
+            for n in (block_nodes(qmp) if listing is None else listing)}
+
+
+def find_nodes(qmp: Qmp, files: Sequence[str | os.PathLike[str]], *,
+               listing: Listing | None = None) -> dict[str, BlockNode]:
     """The format node QEMU serves each of ``files`` with (``query-named-block-nodes``).
 
     Matched by file identity (same device and inode), so a path QEMU was given
@@ -91,22 +119,17 @@ def find_nodes(qmp: Qmp, files: Sequence[str | os.PathLike[str]]) -> dict[str, B
     is left out of the result; a file with two format nodes (opened twice)
     gets the writable one.
     """
-    wanted = {os.fspath(f): os.fspath(f) for f in files}
+    wanted = [os.fspath(f) for f in files]
     found: dict[str, BlockNode] = {}
-    for info in qmp.execute("query-named-block-nodes", {"flat": True}):
-        drv = info.get("drv")
-        name = info.get("node-name")
+    for info in block_nodes(qmp) if listing is None else listing:
         raw = info.get("file")
-        if not isinstance(raw, str) or not isinstance(name, str) or drv in (
-                "file", "host_device", "host_cdrom", None):
-            continue
-        filename = node_file(raw)
+        filename = node_file(raw) if isinstance(raw, str) else None
         if filename is None:
             continue
         for want in wanted:
             if _same(filename, want):
-                node = BlockNode(name=name, filename=filename, driver=str(drv),
-                                 read_only=bool(info.get("ro")))
+                node = BlockNode(name=str(info["node-name"]), filename=filename,
+                                 driver=str(info["drv"]), read_only=bool(info.get("ro")))
                 old = found.get(want)
                 if old is None or (old.read_only and not node.read_only):
                     found[want] = node
@@ -116,24 +139,29 @@ def find_nodes(qmp: Qmp, files: Sequence[str | os.PathLike[str]]) -> dict[str, B
 def top_files(qmp: Qmp) -> dict[str, str]:
     """Node name -> file of every node QEMU writes to now (``query-named-block-nodes``)."""
     out = {}
-    for info in qmp.execute("query-named-block-nodes", {"flat": True}):
+    for info in block_nodes(qmp):
         raw = info.get("file")
-        if info.get("ro") or info.get("drv") in ("file", "host_device") or not isinstance(
-                raw, str):
-            continue
-        filename = node_file(raw)
-        if filename is not None:
+        filename = node_file(raw) if isinstance(raw, str) else None
+        if not info.get("ro") and filename is not None:
             out[str(info["node-name"])] = filename
     return out
 
 
+def _add_command(node_name: str, path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
+    return ("blockdev-add", {"driver": "qcow2", "node-name": node_name,
+                             "file": {"driver": "file", "filename": os.fspath(path)},
+                             "backing": None})
+
+
+def _switch_command(switches: Sequence[tuple[str, str]]) -> tuple[str, dict[str, Any]]:
+    return ("transaction", {"actions": [
+        {"type": "blockdev-snapshot", "data": {"node": node, "overlay": overlay}}
+        for node, overlay in switches]})
+
+
 def add_overlay(qmp: Qmp, node_name: str, path: str | os.PathLike[str]) -> None:
     """Open the qcow2 ``path`` in QEMU as node ``node_name``, its backing left to the switch."""
-    qmp.execute("blockdev-add", {
-        "driver": "qcow2", "node-name": node_name,
-        "file": {"driver": "file", "filename": os.fspath(path)},
-        "backing": None,
-    })
+    qmp.execute(*_add_command(node_name, path))
 
 
 def switch_to_overlays(qmp: Qmp, switches: Sequence[tuple[str, str]]) -> None:
@@ -144,9 +172,7 @@ def switch_to_overlays(qmp: Qmp, switches: Sequence[tuple[str, str]]) -> None:
     guest's device, an export) onto the overlay; with two pairs both switch
     in the same instant or neither does.
     """
-    qmp.execute("transaction", {"actions": [
-        {"type": "blockdev-snapshot", "data": {"node": node, "overlay": overlay}}
-        for node, overlay in switches]})
+    qmp.execute(*_switch_command(switches))
 
 
 def add_and_switch(qmp: Qmp, pairs: Sequence[tuple[str, str, str | os.PathLike[str]]]) -> None:
@@ -157,13 +183,8 @@ def add_and_switch(qmp: Qmp, pairs: Sequence[tuple[str, str, str | os.PathLike[s
     to open, or fails itself); the caller closes the overlay nodes that opened.
     """
     commands: list[tuple[str, dict[str, Any] | None]] = [
-        ("blockdev-add", {"driver": "qcow2", "node-name": overlay,
-                          "file": {"driver": "file", "filename": os.fspath(path)},
-                          "backing": None})
-        for _node, overlay, path in pairs]
-    commands.append(("transaction", {"actions": [
-        {"type": "blockdev-snapshot", "data": {"node": node, "overlay": overlay}}
-        for node, overlay, _path in pairs]}))
+        _add_command(overlay, path) for _node, overlay, path in pairs]
+    commands.append(_switch_command([(node, overlay) for node, overlay, _path in pairs]))
     qmp.execute_all(commands)
 
 
@@ -303,9 +324,3 @@ def _cancel(qmp: Qmp, job_id: str, wait: float = 30.0) -> None:
                     error=f"still running after {wait:g} s")
     except LiveError as exc:
         log.warning("block_job_cancel_failed", socket=qmp.path, job=job_id, error=exc.message)
-
-
-def close_nodes(qmp: Qmp, names: Iterable[str]) -> None:
-    """``blockdev-del`` each node (those boxdisk added and no longer needs)."""
-    for name in names:
-        remove_node(qmp, name)

@@ -33,7 +33,7 @@ from ._fs import remove_tree
 from ._journal import Record, crashpoint, new_opid
 from ._layout import CONTAINER_DISK, DISK_NAMES
 from ._live_snapshot import live_snapshot
-from ._livestate import LiveState, qemu_nodes, reach, read_state, stage_state
+from ._livestate import LiveState, reach, read_state, stage_state
 
 if TYPE_CHECKING:
     from boxdisk.live import Qmp
@@ -113,16 +113,18 @@ def _hide(ctx: StoreContext, data: dict[str, Any], record: Record) -> None:
 def _merge(ctx: StoreContext, data: dict[str, Any], opid: str, qmp: Qmp | None,
            progress: Progress | None) -> None:
     """The commit of each disk (by QEMU if it runs, else offline), then the tidy-up."""
-    from boxdisk.live import remove_node  # noqa: PLC0415
+    from boxdisk.live import remove_node, writable_nodes  # noqa: PLC0415
 
     lay = ctx.layout
     bdir = lay.box_dir(data["box"])
+    # Which new tops QEMU still writes, asked once: merging one disk leaves the others'.
+    writing = writable_nodes(qmp) if qmp is not None else {}
     for i, e in enumerate(data["disks"]):
         overlay, frozen = bdir / e["overlay"], bdir / e["top"]
         if not overlay.exists():
             continue  # merged and removed already
         if qmp is not None:
-            if qemu_nodes(qmp).get(e["overlay_node"]):  # QEMU still writes the new top
+            if writing.get(e["overlay_node"]):  # QEMU still writes the new top
                 _finish_or_start(qmp, f"boxdisk-merge-{opid}-{i}", e, progress)
             remove_node(qmp, e["overlay_node"])
         else:

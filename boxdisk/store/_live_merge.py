@@ -32,7 +32,7 @@ from ._core import StoreContext, box_key, ms
 from ._fs import make_read_only, make_writable, remove_tree
 from ._journal import Record, crashpoint, new_opid
 from ._layout import REMOVED_MARKER
-from ._livestate import LiveState, qemu_nodes, reach, read_state, stage_state, top_paths
+from ._livestate import LiveState, reach, read_state, stage_state, top_paths
 from ._queries import graph
 
 if TYPE_CHECKING:
@@ -49,11 +49,13 @@ STREAM_TIMEOUT = 3600.0
 def _plan(ctx: StoreContext, box_id: str, name: str, bdir: Path, qmp: Qmp,
           state: LiveState, merge: bool) -> list[dict[str, Any]]:
     """Per disk of the snapshot: its frozen file, the image over it, its base; or refuse."""
-    from boxdisk.live import find_nodes  # noqa: PLC0415
+    from boxdisk.live import block_nodes, find_nodes, writable_nodes  # noqa: PLC0415
 
     lay = ctx.layout
     sdir = ctx.snapshot_dir(box_id, name)
     g = graph(ctx)
+    listing = block_nodes(qmp)  # one answer for every question below
+    present = writable_nodes(qmp, listing)
     steps = []
     for d in ctx.disks_in(sdir):
         entry = next((f for f in state.frozen
@@ -75,14 +77,13 @@ def _plan(ctx: StoreContext, box_id: str, name: str, bdir: Path, qmp: Qmp,
                                      dependents=tuple(sorted(deps)))
         [above] = deps
         node = g.node(frozen)
-        present = qemu_nodes(qmp)
         # QEMU's nodes by the names the live state recorded (see _livestate): the frozen
         # file's, the one over it (a later frozen file, or the top), and under it a
         # frozen file's or, for a base or an older snapshot, the one found by its file.
         if entry is not None:
             frozen_node: str | None = entry["node"]
         else:  # the snapshot's own file, opened by QEMU through its header: a plain name
-            found_x = find_nodes(qmp, [frozen]).get(os.fspath(frozen))
+            found_x = find_nodes(qmp, [frozen], listing=listing).get(os.fspath(frozen))
             frozen_node = None if found_x is None else found_x.name
         later = [f for f in state.frozen if f["disk"] == d
                  and os.path.realpath(bdir / f["file"]) == above]
@@ -92,7 +93,7 @@ def _plan(ctx: StoreContext, box_id: str, name: str, bdir: Path, qmp: Qmp,
         elif top is not None and os.path.realpath(top) == above and d in state.nodes:
             above_node = state.nodes[d]
         else:  # another snapshot's own file (or a top not recorded): found by its file
-            found_a = find_nodes(qmp, [Path(above)]).get(above)
+            found_a = find_nodes(qmp, [Path(above)], listing=listing).get(above)
             above_node = None if found_a is None else found_a.name
         below = [f for f in state.frozen if f["disk"] == d and node.backing is not None
                  and os.path.realpath(bdir / f["file"]) == node.backing]
@@ -101,7 +102,7 @@ def _plan(ctx: StoreContext, box_id: str, name: str, bdir: Path, qmp: Qmp,
         elif node.backing is None:
             base_node = None
         else:
-            found = find_nodes(qmp, [node.backing]).get(node.backing)
+            found = find_nodes(qmp, [node.backing], listing=listing).get(node.backing)
             base_node = None if found is None else found.name
         if (frozen_node not in present or above_node not in present
                 or (node.backing is not None and base_node not in present)):

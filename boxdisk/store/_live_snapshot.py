@@ -47,7 +47,6 @@ from ._livestate import (
     LiveState,
     check_serves,
     connect,
-    qemu_nodes,
     reach,
     read_state,
     stage_state,
@@ -263,10 +262,12 @@ def _forward(ctx: StoreContext, data: dict[str, Any], opid: str) -> list[Path]:
 
 def _ask_qemu(qmp: Qmp | None, data: dict[str, Any]) -> bool | None:
     """Whether the box's QEMU writes to the new tops (None: no QEMU answers)."""
+    from boxdisk.live import writable_nodes  # noqa: PLC0415
+
     if qmp is None:
         return None
     try:
-        writable = qemu_nodes(qmp)
+        writable = writable_nodes(qmp)
     except LiveError:
         return None
     # The new tops' node names are boxdisk's own (they carry the operation's id).

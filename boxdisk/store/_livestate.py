@@ -39,7 +39,7 @@ import attrs
 
 from boxdisk._errors import LiveError, StoreError
 
-from ._fs import dump_json, link_new_file, read_json
+from ._fs import dump_json, read_json, replace_file
 from ._layout import DISK_NAMES
 
 if TYPE_CHECKING:
@@ -52,7 +52,6 @@ __all__ = [
     "check_serves",
     "connect",
     "lending",
-    "qemu_nodes",
     "reach",
     "read_state",
     "stage_state",
@@ -121,11 +120,7 @@ def stage_state(bdir: Path, state: LiveState | None, opid: str) -> list[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         return [bdir]
-    tmp = bdir / f".{LIVE_META}.{opid}"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    link_new_file(tmp, dump_json(state.to_json()))
-    os.replace(tmp, path)
+    replace_file(path, bdir / f".{LIVE_META}.{opid}", dump_json(state.to_json()))
     return [path, bdir]
 
 
@@ -186,13 +181,6 @@ def reach(path: str | None) -> Iterator[Qmp | None]:
         yield qmp
 
 
-def qemu_nodes(qmp: Qmp) -> dict[str, bool]:
-    """Every format node QEMU has now: name -> whether it is writable."""
-    return {str(n["node-name"]): not n.get("ro")
-            for n in qmp.execute("query-named-block-nodes", {"flat": True})
-            if n.get("drv") not in ("file", "host_device", "host_cdrom")}
-
-
 def check_serves(qmp: Qmp, tops: dict[str, Path],
                  known: dict[str, str] | None = None) -> dict[str, str]:
     """Disk name -> node name of each top QEMU has open for writing; LiveError otherwise.
@@ -205,14 +193,15 @@ def check_serves(qmp: Qmp, tops: dict[str, Path],
     down), and a name QEMU does not have makes the switch itself fail, with
     nothing changed.
     """
-    from boxdisk.live import find_nodes  # noqa: PLC0415
+    from boxdisk.live import block_nodes, find_nodes, writable_nodes  # noqa: PLC0415
 
     if known and all(known.get(d, "").startswith("boxdisk-") for d in tops):
         return {d: known[d] for d in tops}
-    present = qemu_nodes(qmp) if known else {}
+    listing = block_nodes(qmp)  # one answer for both questions
+    present = writable_nodes(qmp, listing) if known else {}
     out = {d: known[d] for d in tops if known and present.get(known.get(d, ""))}
     rest = {d: p for d, p in tops.items() if d not in out}
-    nodes = find_nodes(qmp, list(rest.values())) if rest else {}
+    nodes = find_nodes(qmp, list(rest.values()), listing=listing) if rest else {}
     for d, path in rest.items():
         node = nodes.get(os.fspath(path))
         if node is None or node.read_only:
